@@ -1,0 +1,2 @@
+"(placeholder while this module is being written)"
+__all__ = []
