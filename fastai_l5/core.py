@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback
-from fastai.learner import ValueMetric
-from fastcore.basics import noop
+from fastai.learner import ValueMetric, noop  # this `noop` is the one `Learner.no_logging` installs
 from fastcore.foundation import L
 from matplotlib.figure import Figure
 
@@ -122,7 +121,9 @@ class StepCallback(Callback):
     `CSVLogger`, W&B and TensorBoard too) and removed in `after_fit`. Subclasses that define
     `before_fit`/`after_fit` call `super()` there too. Not added under `validate`/`get_preds`
     (logger is `noop`), so those return what they always return."""
-    order, n_step, epoch_columns = 65, 0, {}
+    # after MixedPrecision (10, unscales grads) and DistributedTrainer (11, swaps modules), before
+    # Recorder (50), whose before_fit reads the metric names
+    order, n_step, epoch_columns = 40, 0, {}
 
     def count_step(self):
         "Call once in `after_step`: True, and `n_step` advanced, if the optimizer really stepped."
@@ -135,15 +136,15 @@ class StepCallback(Callback):
     def after_cancel_step(self): self._step_cancelled = True
 
     def before_fit(self):
-        self._metrics = L()
+        self._epoch_value_metrics = L()
         if self.learn.logger is noop or not self.epoch_columns: return
-        self._metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())
-        self.learn.metrics = L(self.learn.metrics) + self._metrics
+        self._epoch_value_metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())
+        self.learn.metrics = L(self.learn.metrics) + self._epoch_value_metrics
 
     def after_fit(self):
-        ours = set(map(id, getattr(self, '_metrics', [])))
+        ours = set(map(id, getattr(self, '_epoch_value_metrics', [])))
         if ours: self.learn.metrics = L(m for m in self.learn.metrics if id(m) not in ours)
-        self._metrics = L()
+        self._epoch_value_metrics = L()
 
 
 def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=()):

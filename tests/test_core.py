@@ -1,0 +1,92 @@
+"Tests of the shared pieces in fastai_l5.core."
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelStepException
+from fastai.tabular.all import tabular_learner
+from matplotlib.figure import Figure
+
+from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer
+from fastai_l5.data import example_dls
+
+
+@pytest.fixture(scope='module')
+def dls(): return example_dls('diamonds', bs=128, n_rows=1000)
+
+
+def test_logtable_blocks_scalars_and_tensors():
+    t = LogTable(['step', 'layer', 'v'], flush_every=2)
+    t.append(step=1, layer=['a', 'b'], v=torch.tensor([1., 2.]))
+    t.append(step=2, layer=['a', 'b'], v=np.array([3., float('nan')]))
+    t.append(step=3, layer='a', v=5.)
+    assert len(t) == 5
+    df = t.df
+    assert list(df.columns) == ['step', 'layer', 'v']
+    assert df.step.tolist() == [1, 1, 2, 2, 3] and df.layer.tolist() == ['a', 'b', 'a', 'b', 'a']
+    assert np.isnan(df.v[3]) and df.v[4] == 5.
+    with pytest.raises(KeyError, match='missing columns'): t.append(step=1)
+
+
+def test_logtable_streams_to_csv(tmp_path):
+    path = tmp_path / 'log.csv'
+    t = LogTable(['step', 'x'], path=path, keep=False, flush_every=1)
+    for i in range(3): t.append(step=i, x=torch.tensor([i * 1.]))
+    assert t.nbytes() == 0  # nothing kept in memory
+    on_disk = pd.read_csv(path)
+    assert on_disk.step.tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(t.df, on_disk)
+
+
+def test_check_in_range_names_argument():
+    assert check_in_range('mom', 0.5) == 0.5
+    with pytest.raises(ValueError, match=r"mom=1.0 is outside \[0.0, 1.0\)"): check_in_range('mom', 1.0, 0., 1.)
+    with pytest.raises(ValueError, match='eps'): check_in_range('eps', 0., 0., float('inf'), lo_open=True)
+    with pytest.raises(ValueError, match='nan'): check_in_range('p', float('nan'))
+
+
+class StepRecorder(StepCallback):
+    epoch_columns = {'n_steps_seen': 'seen'}
+    def before_fit(self):
+        super().before_fit()
+        if not hasattr(self, 'steps'): self.steps = []
+    def after_step(self):
+        if self.count_step(): self.steps.append(self.n_step)
+    def seen(self): return len(self.steps)
+
+
+class SkipEveryOther(Callback):
+    "Cancels every second step, as MixedPrecision does on overflow or GradientAccumulation between steps."
+    order = 10
+    def before_fit(self): self.i = 0
+    def before_step(self):
+        self.i += 1
+        if self.i % 2 == 0: raise CancelStepException()
+
+
+def test_step_counting_skips_cancelled_steps_and_spans_fits(dls):
+    rec = StepRecorder()
+    learn = tabular_learner(dls, layers=[8], cbs=[rec, SkipEveryOther()])
+    n_batches = len(dls.train)
+    learn.fit(1, 1e-3)
+    real = (n_batches + 1) // 2
+    assert rec.n_step == real and rec.steps == list(range(1, real + 1))
+    learn.validate()
+    learn.fit(1, 1e-3)
+    assert rec.n_step == 2 * real
+    assert 'n_steps_seen' in learn.recorder.metric_names
+    assert learn.recorder.values[-1][-1] == 2 * real
+    assert not any(getattr(m, 'name', '') == 'n_steps_seen' for m in learn.metrics)
+    assert len(learn.validate()) == 1  # validate returns the loss alone: no extra columns
+
+
+def test_layer_params_and_plot(dls):
+    learn = tabular_learner(dls, layers=[8])
+    layers = {l for l, _, _ in layer_params(learn.model)}
+    assert {'embeds.0', 'bn_cont', 'layers.0.0', 'layers.0.2', 'layers.1.0'} <= layers
+    df = pd.DataFrame(dict(step=[1, 2, 1, 2], layer=['a', 'a', 'b', 'b'], s=[1., 2., 3., 4.]))
+    fig = plot_per_layer(df, 's')
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2
+    with pytest.raises(ValueError, match='unknown stats'): plot_per_layer(df, 'nope')
+    with pytest.raises(ValueError, match='unknown layers'): plot_per_layer(df, 's', layers=['zz'])
+    with pytest.raises(ValueError, match='nothing logged'): plot_per_layer(df.iloc[:0], 's')
