@@ -1,2 +1,243 @@
-"(placeholder while this module is being written)"
-__all__ = []
+"""Dropout as a schedule: set every dropout module's p each training batch from the fraction of
+training done, log what was applied, and give the model its own p back when the fit ends."""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import weakref
+
+import numpy as np
+from fastai.learner import Learner
+from fastcore.foundation import L
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+from .core import LogTable, StepCallback, check_in_range, plot_per_layer
+
+__all__ = ['DropoutSchedule', 'early_dropout', 'late_dropout', 'curriculum_dropout', 'fastai_ps',
+           'dropout_layers']
+
+_HOW_TO_ADD = ("a tabular model gets hidden dropout modules from `tabular_learner(dls, config="
+               "tabular_config(ps=0.1))` (one per hidden layer whose p is not 0); any other model needs "
+               "`nn.Dropout` modules of its own")
+
+
+def dropout_layers(model):
+    """`{name: module}` for every dropout module of `model` (`nn.Dropout` and its siblings `Dropout1d/2d/3d`,
+    `AlphaDropout`, ...), in `model.named_modules()` order; a `DistributedDataParallel` wrapper is looked through
+    so names read as in the bare model (`emb_drop`, `layers.0.3`)."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+    return {name: m for name, m in model.named_modules() if isinstance(m, _DropoutNd)}
+
+
+# ---------------------------------------------------------------------------------------------- presets
+# Module-level functions bound with `functools.partial`: readable reprs, and `learn.export()` pickles them.
+
+def _early(pct, p, until, linear):
+    if pct >= until: return 0.
+    return p * (1 - pct / until) if linear else p
+
+
+def _late(pct, p, start): return p if pct >= start else 0.
+
+
+def _curriculum(pct, p, gamma): return p * (1 - math.exp(-gamma * pct))
+
+
+def _scaled(pct, f, k): return k * float(f(pct))
+
+
+def _check_p(p, name='p'):
+    if callable(p): return p
+    if not isinstance(p, numbers.Real): raise TypeError(f"{name}={p!r} must be a number in [0, 1) or a callable of pct")
+    return check_in_range(name, p)
+
+
+def early_dropout(p, until=0.2, linear=False):
+    """Early dropout (Liu et al., 2023): p(pct) = p for pct < `until` (with `linear`: p·(1 − pct/until), a
+    straight fall to 0), then 0."""
+    _check_p(p); check_in_range('until', until, hi_open=False)
+    return functools.partial(_early, p=float(p), until=float(until), linear=bool(linear))
+
+
+def late_dropout(p, start=0.5):
+    "Late dropout (Liu et al., 2023): p(pct) = 0 for pct < `start`, then p."
+    _check_p(p); check_in_range('start', start, hi_open=False)
+    return functools.partial(_late, p=float(p), start=float(start))
+
+
+def curriculum_dropout(p, gamma=10.):
+    """Curriculum dropout (Morerio et al., 2017): p(pct) = p·(1 − e^(−γ·pct)). Their retain probability
+    θ(t) = (1−θ̄)·e^(−γt) + θ̄ is 1 − p(t) with θ̄ = 1 − p; here time t is pct, the fraction of the fit done, so
+    γ = 10 reaches 1 − e^(−10) ≈ 99.995% of p by the end, whatever the number of batches."""
+    _check_p(p)
+    if not (isinstance(gamma, numbers.Real) and gamma > 0): raise ValueError(f"gamma={gamma!r} must be a number > 0")
+    return functools.partial(_curriculum, p=float(p), gamma=float(gamma))
+
+
+def fastai_ps(p, n):
+    """fastai's rule for a head of `n` dropout layers: `[p/2]*(n-1) + [p]`, p on the last layer and half of it
+    before. `p` may also be a schedule (a callable of pct): the earlier layers then follow half of it."""
+    if not (isinstance(n, numbers.Integral) and n >= 1): raise ValueError(f"n={n!r} must be an integer >= 1")
+    half = functools.partial(_scaled, f=p, k=.5) if callable(_check_p(p)) else p / 2
+    return [half] * (n - 1) + [p]
+
+
+# ---------------------------------------------------------------------------------------------- callback
+
+def _grid(n_batches=None, fine=1001, most=100_000):
+    "The pcts a schedule is checked at: a fine grid of [0, 1], plus every pct this fit's batches will see."
+    pcts = np.linspace(0., 1., fine)
+    if n_batches: pcts = np.union1d(pcts, np.arange(min(n_batches, most)) / min(n_batches, most))
+    return pcts.tolist()
+
+
+def _check_sched(name, sched, pcts):
+    "Raise unless `sched` (a number or a callable of pct) gives a p in [0, 1) at every pct of `pcts`."
+    if not callable(sched):
+        if isinstance(sched, bool) or not isinstance(sched, numbers.Real):
+            raise TypeError(f"DropoutSchedule: the schedule for {name} is {sched!r}; give a number in [0, 1) "
+                            "or a callable pct -> p (SchedLin, SchedCos, combine_scheds, early_dropout, ...)")
+        pcts = [0.]
+    for pct in pcts:
+        p = sched(pct) if callable(sched) else sched
+        try: p = float(p)
+        except (TypeError, ValueError):
+            raise TypeError(f"DropoutSchedule: the schedule for {name} returned {p!r} at pct={pct:g}, not a number") from None
+        if not 0. <= p < 1.:
+            where = f" at pct={pct:g}" if callable(sched) else ""
+            raise ValueError(f"DropoutSchedule: the schedule for {name} gives p={p!r}{where}, outside [0, 1); "
+                             "a dropout probability must lie in [0, 1)")
+
+
+def _check_shape(scheds):
+    "Type-check `scheds` and every entry's range before any model is seen."
+    if callable(scheds) or isinstance(scheds, numbers.Real): _check_sched('every dropout layer', scheds, _grid())
+    elif isinstance(scheds, dict):
+        for k, v in scheds.items(): _check_sched(f'layer {k!r}', v, _grid())
+    elif isinstance(scheds, (list, tuple, L)):
+        for i, v in enumerate(scheds): _check_sched(f'entry {i} of the list', v, _grid())
+    else:
+        raise TypeError(f"DropoutSchedule: scheds={scheds!r} must be a number, a callable pct -> p, a list with one "
+                        "entry per dropout layer, or a dict {layer name: number or callable}")
+
+
+class DropoutSchedule(StepCallback):
+    """Set `p` of the model's dropout modules before every training batch to `sched(pct)`, pct being the
+    fraction of this fit done (`learn.pct_train`, as fastai's `ParamScheduler` sees it). `scheds` is a number, a
+    callable pct -> p, a list with one entry per dropout module (in `model.named_modules()` order), or a dict
+    `{layer name: number or callable}` (layers not named keep their p). Validation batches are left alone, and
+    every module's own p comes back when the fit ends, even one that raised or was cancelled.
+
+    `.df`: one row per (training batch, dropout layer): `step` (the optimizer step the batch feeds, counted as
+    `StepCallback` counts), `epoch`, `pct`, `layer`, `p`. The progress table gets `dropout_p`, the mean p applied
+    over the epoch's training batches and the dropout layers."""
+    run_valid, epoch_columns = False, {'dropout_p': 'epoch_mean_p'}
+    _stateattrs = ('_table', '_applied', '_owner', '_checked')
+
+    def __init__(self, scheds):
+        _check_shape(scheds)
+        self.scheds = scheds
+        self._init_state()
+
+    def _init_state(self):
+        super()._init_state()
+        self._table = LogTable(['step', 'epoch', 'pct', 'layer', 'p'])
+        self._applied, self._owner, self._checked = None, None, None
+
+    # -- resolving and checking, all before the first batch
+    def _resolve(self):
+        "`(names, modules, per-module schedule or None)` for every dropout layer of the model."
+        layers = dropout_layers(self.learn.model)
+        names, mods = list(layers), list(layers.values())
+        if not names: raise ValueError(f"DropoutSchedule: the model has no dropout module to schedule; {_HOW_TO_ADD}")
+        s = self.scheds
+        if isinstance(s, dict):
+            unknown = [k for k in s if k not in layers]
+            if unknown: raise KeyError(f"DropoutSchedule: no dropout layer named {unknown}; the model's dropout "
+                                       f"layers are {names} ({_HOW_TO_ADD})")
+            per_layer = [s.get(n) for n in names]
+        elif isinstance(s, (list, tuple, L)):
+            if len(s) != len(names):
+                raise ValueError(f"DropoutSchedule: {len(s)} schedules for {len(names)} dropout layers; give one "
+                                 f"per layer, in this order: {names}")
+            per_layer = list(s)
+        else: per_layer = [s] * len(names)
+        return names, mods, [s if s is None or callable(s) else float(s) for s in per_layer]
+
+    def before_fit(self):
+        names, mods, per_layer = self._resolve()
+        try: n_batches = getattr(self.learn, 'n_epoch', 1) * len(self.learn.dls.train)
+        except Exception: n_batches = None
+        key = (tuple(names), n_batches)
+        if self._checked != key:
+            pcts = _grid(n_batches)
+            for name, sched in zip(names, per_layer):
+                if sched is not None: _check_sched(f'layer {name!r}', sched, pcts)
+            self._checked = key
+        self._names, self._mods = names, mods
+        self._scheduled = [(m, s) for m, s in zip(mods, per_layer) if s is not None]
+        super().before_fit()
+
+    # -- the hot path: one attribute write per scheduled layer
+    def before_batch(self):
+        if self._applied is None: self._remember()
+        pct = float(self.learn.pct_train)
+        for m, s in self._scheduled: m.p = float(s(pct)) if callable(s) else s
+        ps = [m.p for m in self._mods]
+        self._table.append(step=self.n_step + 1, epoch=self.learn.epoch, pct=pct, layer=self._names, p=ps)
+        self._p_sum += sum(ps); self._p_count += len(ps)
+
+    def after_step(self): self.count_step()
+
+    def before_epoch(self): self._p_sum, self._p_count = 0., 0
+
+    def epoch_mean_p(self):
+        "Mean p applied over this epoch's training batches and dropout layers."
+        return self._p_sum / self._p_count if self._p_count else float('nan')
+
+    # -- giving p back
+    def _remember(self):
+        self._applied, self._owner = [(m, m.p) for m, _ in self._scheduled], self.learn
+        _UNRESTORED.add(self)
+
+    def restore(self):
+        "Give every module this callback changed its original p back (done for you after every fit)."
+        for m, p in self._applied or []: m.p = p
+        self._applied, self._owner = None, None
+        _UNRESTORED.discard(self)
+
+    def after_fit(self):
+        self.restore()
+        self._table.flush()
+        super().after_fit()
+
+    # -- results
+    @property
+    def df(self):
+        "One row per (training batch, dropout layer): `step`, `epoch`, `pct`, `layer`, `p`."
+        return self._table.df
+
+    def plot(self, layers=None, x='step'):
+        "The p applied to each dropout layer against `x` (`step` or `pct`): a `matplotlib.figure.Figure`."
+        return plot_per_layer(self.df, 'p', layers=layers, x=x, title='dropout p applied in training', ncols=1)
+
+
+# A fit that raises skips `after_fit` (fastai's `_with_events` only catches its Cancel exceptions), and
+# callbacks passed to `fit(cbs=...)` are detached before the exception leaves `fit`. So `Learner.fit` (which
+# `fit_one_cycle`, `fine_tune` and `lr_find` call) gets a wrapper that gives p back on the way out.
+_UNRESTORED = weakref.WeakSet()
+_fastai_fit = getattr(Learner.fit, '__wrapped__', Learner.fit)
+
+
+@functools.wraps(_fastai_fit)
+def _fit_restoring_dropout(self, *args, **kwargs):
+    try: return _fastai_fit(self, *args, **kwargs)
+    except BaseException:
+        for sched in list(_UNRESTORED):
+            if sched._owner is self: sched.restore()
+        raise
+
+
+Learner.fit = _fit_restoring_dropout
