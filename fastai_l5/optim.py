@@ -1,2 +1,336 @@
-"(placeholder while this module is being written)"
-__all__ = []
+"""Momentum SGD, RMSProp and Adam as fastai `Optimizer`s whose step runs torch's multi-tensor
+(`torch._foreach_*`) kernels, `opt_state` to read any optimizer's per-parameter state as a table, and
+the EWMA arithmetic of lesson 5 as small teaching helpers.
+
+The lecture's momentum is an exponentially weighted moving average (EWMA) of the gradients:
+S(t) = α·g(t) + (1−α)·S(t−1), S(0) = 0, here written with β = 1−α (fastai's `mom`):
+`grad_avg ← β·grad_avg + (1−β)·g`. Unrolled, S(t) = Σₖ (1−β)·βᵏ·g(t−k): weights that fall
+geometrically, sum to 1−βᵗ (hence `debias`), and average over about 1/(1−β) steps."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.learner import Learner
+from fastai.optimizer import Optimizer, OptimWrapper
+from fastcore.basics import store_attr
+from fastcore.foundation import L
+
+from .core import check_in_range, param_layer_names
+
+__all__ = ['ForeachOptimizer', 'ForeachSGD', 'ForeachRMSProp', 'ForeachAdam', 'sgd_momentum', 'rmsprop',
+           'adam', 'opt_state', 'ewma_weights', 'effective_window', 'debias_factor']
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teaching helpers
+
+def _check_beta(beta): return check_in_range('beta', beta, 0., 1.)
+
+
+def ewma_weights(beta, n):
+    "The weights (1−β)·βᵏ, k = 0…n−1, that an EWMA started from zero gives the last n gradients, most recent first."
+    _check_beta(beta)
+    if int(n) != n or n < 1: raise ValueError(f"n={n!r} must be a positive whole number of steps")
+    return (1 - beta) * beta ** torch.arange(int(n), dtype=torch.float64)
+
+
+def effective_window(beta):
+    "1/(1−β): how many recent steps an EWMA with coefficient β mostly averages over (the weights' total mass / first weight)."
+    return 1 / (1 - _check_beta(beta))
+
+
+def debias_factor(beta, t):
+    "1−βᵗ: the total weight an EWMA started from zero has after t steps; dividing by it removes the bias towards 0."
+    _check_beta(beta)
+    if np.any(np.asarray(t) < 1): raise ValueError(f"t={t!r}: steps are counted from 1")
+    return 1 - beta ** t
+
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizers
+
+_HYPER_RANGES = {'lr': dict(lo=0., hi=math.inf), 'wd': dict(lo=0., hi=math.inf),
+                 'mom': dict(lo=0., hi=1.), 'sqr_mom': dict(lo=0., hi=1.),
+                 'eps': dict(lo=0., hi=math.inf, lo_open=True)}
+
+
+def _check_hypers(**hypers):
+    "Raise `ValueError` naming the first hyper-parameter outside its range (see `_HYPER_RANGES`)."
+    for k, v in hypers.items():
+        if k not in _HYPER_RANGES: continue
+        if isinstance(v, slice): v = [o for o in (v.start, v.stop) if o is not None]
+        for o in L(v, use_list=None): check_in_range(k, o, **_HYPER_RANGES[k])
+
+
+class ForeachOptimizer(Optimizer):
+    """A fastai `Optimizer` (param groups, `freeze`/`unfreeze`, `set_hyper`, `ParamScheduler`,
+    `learn.save(with_opt=True)`) whose `step` runs multi-tensor kernels. The parameters that have a
+    gradient are put in buckets that share hyper-parameters (across param groups), `do_wd` and step
+    count; each bucket is updated by `update` with one `torch._foreach_*` call per operation.
+
+    Subclasses set `state_keys` (the tensors kept per parameter, named as in fastai) and `update`.
+    The structural choices (`config`) are saved with the state, and `load_state_dict` refuses the
+    state of any other optimizer or configuration instead of loading part of it."""
+    state_keys = ()
+
+    def __init__(self, params, lr, decouple_wd=True, **hypers):
+        _check_hypers(lr=lr, **hypers)
+        self.decouple_wd = decouple_wd
+        super().__init__(params, cbs=[], lr=lr, **hypers)
+
+    @property
+    def config(self):
+        "What the saved state depends on besides the hyper-parameters: the class and its structural flags."
+        return {'optimizer': type(self).__name__, **self._flags()}
+
+    def _flags(self): return {'decouple_wd': self.decouple_wd}
+
+    def _set_hyper(self, k, v):
+        _check_hypers(**{k: v})  # so a scheduler or `set_hyper` cannot put `mom` at 1 mid-training
+        super()._set_hyper(k, v)
+
+    def _buckets(self):
+        "Dict `(hypers, do_wd, step) -> (params, grads, states)` of the parameters that have a gradient, `step` advanced."
+        buckets = {}
+        for pg, hyper in zip(self.param_lists, self.hypers):
+            hkey = tuple(hyper.items())
+            for p in pg:
+                if p.grad is None: continue
+                st = self.state[p]
+                st['step'] = step = st.get('step', 0) + 1
+                b = buckets.get(key := (hkey, st.get('do_wd', True), step))
+                if b is None: b = buckets[key] = ([], [], [])
+                b[0].append(p); b[1].append(p.grad); b[2].append(st)
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None: raise NotImplementedError("fastai optimizers do not support a closure")
+        for (hkey, do_wd, step), (ps, grads, states) in self._buckets().items():
+            if any(g.is_sparse for g in grads):
+                raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
+            hyper = dict(hkey)
+            for k in self.state_keys:  # buffers start at zero, as fastai's do
+                for p, st in zip(ps, states):
+                    if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs = {k: [st[k] for st in states] for k in self.state_keys}
+            grads = self._decay(ps, grads, hyper['lr'], hyper.get('wd', 0.) if do_wd else 0.)
+            self.update(ps, grads, step=step, **bufs, **hyper)
+
+    def _decay(self, ps, grads, lr, wd):
+        "Weight decay: fastai's `p ← p·(1−lr·wd)` when `decouple_wd`, else L2 `g + wd·p` (a new list, `p.grad` untouched)."
+        if wd == 0: return grads
+        if self.decouple_wd:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+            return grads
+        return torch._foreach_add(grads, ps, alpha=wd)
+
+    def update(self, ps, grads, step, **kw):
+        "Update the tensors `ps` in place from `grads`; `kw` holds the hyper-parameters and the state lists."
+        raise NotImplementedError
+
+    def load_state_dict(self, sd):
+        """Load a state saved by `state_dict` of an optimizer with the same `config` over parameters of the same
+        shapes; anything else raises `ValueError` (and warns, since `learn.load` turns errors into a vague warning)
+        before anything is changed."""
+        try: hypers, states = self._check_state_dict(sd)
+        except ValueError as e:
+            from warnings import warn
+            warn(str(e))
+            raise
+        params = self.all_params().itemgot(0)
+        self.hypers = L(dict(h) for h in hypers)
+        self.state = defaultdict(dict, {p: {k: v.to(p.device, p.dtype) if isinstance(v, torch.Tensor) else v
+                                            for k, v in st.items()} for p, st in zip(params, states)})
+
+    def _check_state_dict(self, sd):
+        me = f"{type(self).__name__} {self.config}"
+        fix = "load the weights alone with `learn.load(file, with_opt=False)`, or build the Learner with the optimizer that saved it"
+        saved = sd.get('config') if isinstance(sd, dict) else None
+        if saved is None:
+            keys = sorted({k for st in (sd.get('state', []) if isinstance(sd, dict) else []) for k in st})
+            raise ValueError(f"this optimizer state was not saved by a fastai_l5 optimizer (state keys {keys}); "
+                             f"it cannot be loaded into {me}: {fix}")
+        if saved != self.config:
+            raise ValueError(f"this optimizer state was saved by {saved}, which is not {me}: {fix}")
+        hypers, states = list(sd['hypers']), list(sd['state'])
+        params = self.all_params().itemgot(0)
+        if len(hypers) != len(self.param_lists) or len(states) != len(params):
+            raise ValueError(f"the saved state has {len(hypers)} param groups and {len(states)} parameters, this "
+                             f"optimizer {len(self.param_lists)} and {len(params)}: it belongs to another model")
+        allowed = set(self.state_keys) | {'step', *self._keep_on_clear}
+        for i, (p, st) in enumerate(zip(params, states)):
+            if set(st) - allowed:
+                raise ValueError(f"saved state of parameter {i} holds {sorted(set(st) - allowed)}, unknown to {me}")
+            for k in self.state_keys:
+                if k in st and tuple(st[k].shape) != tuple(p.shape):
+                    raise ValueError(f"saved {k} of parameter {i} has shape {tuple(st[k].shape)}, the parameter "
+                                     f"{tuple(p.shape)}: the state belongs to another model")
+        return hypers, states
+
+    def state_dict(self): return {**super().state_dict(), 'config': self.config}
+
+
+class ForeachSGD(ForeachOptimizer):
+    """SGD with momentum. `dampening=True`: the lecture's EWMA `grad_avg ← mom·grad_avg + (1−mom)·g` from
+    zero, and with `debias` the step `lr·grad_avg/(1−momᵗ)`. `dampening=False`: PyTorch's heavy ball
+    `grad_avg ← mom·grad_avg + g` (gain 1/(1−mom) on a steady gradient), with `nesterov` stepping along
+    `g + mom·grad_avg`. Each step uses that step's `mom`: under `fit_one_cycle`'s schedule the EWMA's
+    window 1/(1−mom) follows it (and `debias` divides by 1−momᵗ with the current mom, as Adam does)."""
+    state_keys = ('grad_avg',)
+
+    def __init__(self, params, lr, mom=0.9, wd=0., dampening=True, debias=False, nesterov=False, decouple_wd=True):
+        if nesterov and dampening:
+            raise ValueError("nesterov=True needs dampening=False: Nesterov momentum is defined on PyTorch's heavy ball")
+        if debias and not dampening:
+            raise ValueError("debias=True needs dampening=True: the heavy-ball sum is not an average to debias")
+        store_attr('dampening,debias,nesterov')
+        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, wd=wd)
+
+    def _flags(self): return {**super()._flags(), **{k: getattr(self, k) for k in ('dampening', 'debias', 'nesterov')}}
+
+    def update(self, ps, grads, step, grad_avg, lr, mom, **_):
+        if self.dampening: torch._foreach_lerp_(grad_avg, grads, 1 - mom)  # β·m + (1−β)·g
+        else:
+            torch._foreach_mul_(grad_avg, mom)
+            torch._foreach_add_(grad_avg, grads)
+        direction = torch._foreach_add(grads, grad_avg, alpha=mom) if self.nesterov else grad_avg
+        torch._foreach_add_(ps, direction, alpha=-lr / (debias_factor(mom, step) if self.debias else 1.))
+
+
+class ForeachRMSProp(ForeachOptimizer):
+    """RMSProp as `torch.optim.RMSprop`: `sqr_avg ← sqr_mom·sqr_avg + (1−sqr_mom)·g²`, the step divides `g` by
+    √sqr_avg + eps; `centered` first subtracts grad_mean², grad_mean being the EWMA of g with `sqr_mom`.
+    Built with `mom > 0`, `grad_avg ← mom·grad_avg + g/(√sqr_avg + eps)` is stepped along (torch's
+    `momentum_buffer`); built with `mom = 0` it keeps no momentum buffer and a scheduled `mom` is ignored,
+    as in fastai's `RMSProp`."""
+    def __init__(self, params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., centered=False, decouple_wd=True):
+        store_attr('centered'); self.momentum = mom > 0
+        self.state_keys = ('sqr_avg',) + (('grad_avg',) if self.momentum else ()) + (('grad_mean',) if centered else ())
+        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+    def _flags(self): return {**super()._flags(), 'centered': self.centered, 'momentum': self.momentum}
+
+    def update(self, ps, grads, step, sqr_avg, lr, mom, sqr_mom, eps, grad_avg=None, grad_mean=None, **_):
+        torch._foreach_mul_(sqr_avg, sqr_mom)
+        torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
+        if self.centered:
+            torch._foreach_lerp_(grad_mean, grads, 1 - sqr_mom)
+            denom = torch._foreach_addcmul(sqr_avg, grad_mean, grad_mean, value=-1)
+            torch._foreach_sqrt_(denom)
+        else: denom = torch._foreach_sqrt(sqr_avg)
+        torch._foreach_add_(denom, eps)
+        if self.momentum:
+            torch._foreach_mul_(grad_avg, mom)
+            torch._foreach_addcdiv_(grad_avg, grads, denom)
+            torch._foreach_add_(ps, grad_avg, alpha=-lr)
+        else: torch._foreach_addcdiv_(ps, grads, denom, value=-lr)
+
+
+class ForeachAdam(ForeachOptimizer):
+    """Adam: `grad_avg ← mom·grad_avg + (1−mom)·g`, `sqr_avg ← sqr_mom·sqr_avg + (1−sqr_mom)·g²`, and
+    `p ← p − lr·(grad_avg/(1−momᵗ)) / (√(sqr_avg/(1−sqr_momᵗ)) + eps)`; AdamW when `decouple_wd`. The
+    bias corrections use the current `mom` and `sqr_mom`, as torch's and fastai's Adam do."""
+    state_keys = ('grad_avg', 'sqr_avg')
+
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True):
+        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+    def update(self, ps, grads, step, grad_avg, sqr_avg, lr, mom, sqr_mom, eps, **_):
+        torch._foreach_lerp_(grad_avg, grads, 1 - mom)
+        torch._foreach_mul_(sqr_avg, sqr_mom)
+        torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
+        denom = torch._foreach_sqrt(sqr_avg)
+        torch._foreach_div_(denom, math.sqrt(debias_factor(sqr_mom, step)))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, grad_avg, denom, value=-lr / debias_factor(mom, step))
+
+
+# ---------------------------------------------------------------------------------------------------
+# opt_func helpers
+
+def sgd_momentum(mom=0.9, dampening=True, debias=False, nesterov=False, wd=0., decouple_wd=True):
+    """opt_func for `ForeachSGD`: the lecture's EWMA momentum (`dampening=True`) or PyTorch's heavy ball
+    (`dampening=False`, optionally `nesterov`). Use as `Learner(..., opt_func=sgd_momentum(0.9))`."""
+    _check_hypers(mom=mom, wd=wd)
+    if nesterov and dampening: raise ValueError("nesterov=True needs dampening=False")
+    if debias and not dampening: raise ValueError("debias=True needs dampening=True")
+    return partial(ForeachSGD, mom=mom, wd=wd, dampening=dampening, debias=debias, nesterov=nesterov,
+                   decouple_wd=decouple_wd)
+
+
+def rmsprop(sqr_mom=0.99, mom=0., eps=1e-8, centered=False, wd=0., decouple_wd=True):
+    "opt_func for `ForeachRMSProp`, equal to `torch.optim.RMSprop(alpha=sqr_mom, momentum=mom, ...)`."
+    _check_hypers(sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd)
+    return partial(ForeachRMSProp, sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd, centered=centered, decouple_wd=decouple_wd)
+
+
+def adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True):
+    "opt_func for `ForeachAdam`: AdamW (`decouple_wd=True`, fastai's default) or Adam with L2."
+    _check_hypers(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return partial(ForeachAdam, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading optimizer state
+
+_FIRST_MOMENT = ('grad_avg', 'momentum_buffer', 'exp_avg')     # fastai / fastai_l5, torch SGD & RMSprop, torch Adam
+_SECOND_MOMENT = ('sqr_avg', 'exp_avg_sq', 'square_avg')      # fastai / fastai_l5, torch Adam, torch RMSprop
+_OPT_STATE_COLS = ['layer', 'param', 'numel', 'step', 'mom', 'grad_avg_norm', 'sqr_avg_rms']
+
+
+def _groups_and_state(opt):
+    "`(param_lists, mom per group, state lookup)` for a fastai `Optimizer`, an `OptimWrapper` or a torch optimizer."
+    if isinstance(opt, OptimWrapper): opt = opt.opt
+    if isinstance(opt, torch.optim.Optimizer):
+        moms = [g.get('momentum', g.get('betas', (math.nan,))[0]) for g in opt.param_groups]
+        return [g['params'] for g in opt.param_groups], moms, opt.state
+    if isinstance(opt, Optimizer):
+        return list(opt.param_lists), [h.get('mom', math.nan) for h in opt.hypers], opt.state
+    raise TypeError(f"opt_state reads a Learner, a fastai Optimizer, an OptimWrapper or a torch optimizer, not {type(opt).__name__}")
+
+
+def _first(st, keys):
+    return next((st[k] for k in keys if isinstance(st.get(k), torch.Tensor)), None)
+
+
+def _norms(tensors):
+    "Float norms of `tensors` (None gives NaN), computed with one multi-tensor kernel and one host copy."
+    idx = [i for i, t in enumerate(tensors) if t is not None]
+    out = np.full(len(tensors), np.nan)
+    if idx: out[idx] = torch.stack(torch._foreach_norm([tensors[i].float() for i in idx])).cpu().numpy()
+    return out
+
+
+def opt_state(learn_or_opt):
+    """One row per parameter tensor with optimizer state: `layer`, `param` (named from the model when a
+    `Learner` is given, else `group{i}` and `group{i}.{j}`), `numel`, `step`, the group's `mom`,
+    ‖first moment‖₂ (`grad_avg`, torch's `momentum_buffer` or `exp_avg`) and √mean of the second moment
+    (`sqr_avg`, `exp_avg_sq` or `square_avg`; NaN when there is none)."""
+    if isinstance(learn_or_opt, Learner):
+        if learn_or_opt.opt is None: raise ValueError("the Learner has no optimizer yet: call `learn.create_opt()` or fit first")
+        opt, names = learn_or_opt.opt, param_layer_names(learn_or_opt.model)
+    else: opt, names = learn_or_opt, {}
+    param_lists, moms, state = _groups_and_state(opt)
+    rows, firsts, seconds = [], [], []
+    for gi, (pg, mom) in enumerate(zip(param_lists, moms)):
+        for j, p in enumerate(pg):
+            st = state.get(p, {}) if isinstance(state, dict) else {}
+            first, second = _first(st, _FIRST_MOMENT), _first(st, _SECOND_MOMENT)
+            if first is None and second is None and 'step' not in st: continue
+            layer, name = names.get(id(p), (f'group{gi}', f'group{gi}.{j}'))
+            step = st.get('step', math.nan)
+            rows.append((layer, name, p.numel(), float(step) if not isinstance(step, torch.Tensor) else step.item(), mom))
+            firsts.append(first); seconds.append(second)
+    df = pd.DataFrame(rows, columns=_OPT_STATE_COLS[:5])
+    df['mom'] = df['mom'].astype(float)
+    df['grad_avg_norm'] = _norms(firsts)
+    numel = df['numel'].to_numpy(dtype=float)
+    df['sqr_avg_rms'] = _norms(seconds) / np.sqrt(np.maximum(numel, 1))
+    if len(df) and df['step'].notna().all(): df['step'] = df['step'].astype('int64')
+    return df
