@@ -1,2 +1,210 @@
-"(placeholder while this module is being written)"
-__all__ = []
+"""`MomentumLogger`: what the optimizer's momentum EWMA does, per layer and step, at almost no cost.
+
+With g the gradient a step used, m the first-moment EWMA after that step (fastai's `grad_avg`, torch's
+`momentum_buffer` or `exp_avg`), v the second moment, Δp the change the step made to the parameters p,
+each taken over a layer's parameters concatenated:
+
+- `grad_norm` = ‖g‖, `mom_norm` = ‖m‖, `cos_mom_grad` = ⟨g, m⟩ / (‖g‖‖m‖)
+- `sign_flip` = #{i : gᵢ·mᵢ < 0} / n: the share of entries where the gradient pushes against the momentum
+- `update_norm` = ‖Δp‖, `param_norm` = ‖p‖ after the step, `update_ratio` = ‖Δp‖ / ‖p‖
+- `beta` = the `mom` hyper-parameter of the step (the EWMA's window is about 1/(1−β) steps)
+- `sqr_avg_rms` = √(Σv / n)
+
+An optimizer that keeps no first moment (SGD or RMSProp with `mom=0`) logs NaN in `mom_norm`,
+`cos_mom_grad` and `sign_flip`: there is no momentum to compare with. One without a second moment logs
+NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach."""
+from __future__ import annotations
+
+import math
+
+import torch
+from fastai.optimizer import OptimWrapper
+from fastcore.basics import store_attr
+from fastcore.foundation import L
+
+from .core import LogTable, StepCallback, plot_per_layer
+
+__all__ = ['MomentumLogger']
+
+_STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm', 'param_norm', 'update_ratio',
+          'sqr_avg_rms']
+_COLUMNS = ['step', 'epoch', 'layer', 'grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm',
+            'param_norm', 'update_ratio', 'beta', 'sqr_avg_rms']
+# optimizer-state names of the first and second moment, most specific first
+_FASTAI_NAMES = (('grad_avg',), ('sqr_avg',))
+# torch's RMSprop(centered=True) keeps a `grad_avg` too, but with β = alpha: not the momentum, so not read
+_TORCH_NAMES = (('exp_avg', 'momentum_buffer'), ('exp_avg_sq', 'square_avg'))
+
+
+def _first(state, names):
+    for n in names:
+        t = state.get(n)
+        if isinstance(t, torch.Tensor): return t
+    return None
+
+
+def _module_names(model):
+    "Dict `id(param) -> name of the module owning it`, frozen parameters included."
+    return {id(p): name for name, mod in model.named_modules() for p in mod.parameters(recurse=False)}
+
+
+class _Plan:
+    "How the stepped parameters map to layers, and which of them hold a first and a second moment."
+    def __init__(self, model, opt, ps, has_m, has_v):
+        owner, group = _module_names(model), {id(p): i for i, pg in enumerate(opt.param_lists) for p in pg}
+        names = [owner.get(id(p), '(not in model)') for p in ps]
+        self.layers = list(dict.fromkeys(names))
+        pos = {l: i for i, l in enumerate(self.layers)}
+        self.layer_group = [group.get(id(ps[names.index(l)]), 0) for l in self.layers]
+        self.m_idx = [i for i, h in enumerate(has_m) if h]
+        self.v_idx = [i for i, h in enumerate(has_v) if h]
+        dev = ps[0].device
+        self.idx = torch.tensor([pos[n] for n in names], device=dev)
+        self.idx_m, self.idx_v = self.idx[self.m_idx], self.idx[self.v_idx]
+        numel = torch.tensor([float(p.numel()) for p in ps], device=dev)
+        n_layers = len(self.layers)
+        # entries per layer that have a moment; a layer with none gets NaN in those columns (0/0 below)
+        self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_m, numel[self.m_idx])
+        self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_v, numel[self.v_idx])
+        self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
+
+
+def _layer_sums(idx, n_layers, per_param):
+    "Sum the rows of `per_param` (k, n_params) into (k, n_layers); `index_add` keeps a NaN in its own layer."
+    return per_param.new_zeros(per_param.shape[0], n_layers).index_add_(1, idx, per_param)
+
+
+class MomentumLogger(StepCallback):
+    """Log, for every `every`-th real optimizer step, one row per layer with the gradient, the momentum
+    EWMA, their agreement (`cos_mom_grad`, `sign_flip`), the update and the β that step used.
+
+    Reads fastai's optimizers and this package's (`grad_avg`, `sqr_avg`, hyper `mom`) and
+    `OptimWrapper(torch.optim.SGD/Adam/AdamW/RMSprop)` (`momentum_buffer`, `exp_avg`, `exp_avg_sq`,
+    `square_avg`). All reductions are multi-tensor kernels kept on the parameters' device; results go
+    to the host in blocks of `flush_every` steps. The history survives `validate`/`get_preds` and further
+    fits (steps keep counting), and is left out of `learn.export()`. `learn.epoch` is fastai's epoch within
+    the fit. The progress table gains the epoch means of `cos_mom_grad` and `sign_flip` (as `mom_cos`,
+    `mom_flip`)."""
+    epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
+    _stateattrs = ('table', '_pending', '_epoch_stats', '_snap', '_snap_key', '_plan', '_plan_key', '_ps')
+
+    def __init__(self, every=1, flush_every=32):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
+        store_attr()
+        self._init_state()
+
+    def _init_state(self):
+        super()._init_state()
+        self.table = LogTable(_COLUMNS)
+        self._pending, self._epoch_stats = [], []
+        self._snap = self._snap_key = self._plan = self._plan_key = self._ps = None
+        self._snapped = False
+
+    # ---- events
+    def before_epoch(self): self._epoch_stats = []
+
+    def before_step(self):
+        "Snapshot p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
+        self._snapped = False
+        if (self.n_step + 1) % self.every: return
+        ps = [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
+        if not ps: return
+        key = tuple(map(id, ps))
+        if key != self._snap_key: self._snap, self._snap_key = [torch.empty_like(p) for p in ps], key
+        torch._foreach_copy_(self._snap, ps)
+        self._ps, self._snapped = ps, True
+
+    def after_step(self):
+        ran, snapped, self._snapped = self.count_step(), self._snapped, False
+        if not (ran and snapped): return
+        opt = self.learn.opt
+        names = _TORCH_NAMES if isinstance(opt, OptimWrapper) else _FASTAI_NAMES
+        states = opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
+        ps = self._ps
+        ms, vs = [], []
+        for p in ps:
+            st = states.get(p) or {}
+            ms.append(_first(st, names[0])); vs.append(_first(st, names[1]))
+        has_m, has_v = tuple(m is not None for m in ms), tuple(v is not None for v in vs)
+        if (self._snap_key, has_m, has_v) != self._plan_key:
+            self._plan, self._plan_key = _Plan(self.learn.model, opt, ps, has_m, has_v), (self._snap_key, has_m, has_v)
+        plan = self._plan
+        stats = self._stats(plan, ps, [p.grad for p in ps], [m for m in ms if m is not None],
+                            [v for v in vs if v is not None])
+        hypers = opt.hypers
+        beta = [float(hypers[g].get('mom', math.nan)) for g in plan.layer_group]
+        self._pending.append((self.n_step, self.learn.epoch, plan.layers, beta, stats))
+        self._epoch_stats.append(stats)
+        if len(self._pending) >= self.flush_every: self._drain()
+
+    def after_fit(self):
+        super().after_fit()
+        self._drain()
+        # the workspace is as big as the model: free it between fits
+        self._snap = self._snap_key = self._plan = self._plan_key = self._ps = None
+
+    # ---- the math
+    def _stats(self, plan, ps, gs, ms, vs):
+        "(len(_STATS), n_layers) tensor on the parameters' device, with no host sync."
+        snap, n_layers = self._snap, len(plan.layers)
+        torch._foreach_sub_(snap, ps)  # snap = p_before - p_after = -Δp
+        per_param = torch.stack(torch._foreach_norm(gs) + torch._foreach_norm(snap) + torch._foreach_norm(ps))
+        sq = _layer_sums(plan.idx, n_layers, per_param.float().view(3, -1).square())
+        grad_norm, update_norm, param_norm = sq.sqrt().unbind(0)
+        nan = torch.full_like(grad_norm, math.nan)
+        if ms:
+            # the workspace now holds g·m, entry by entry, for the parameters that have a moment
+            w = [snap[i] for i in plan.m_idx]
+            torch._foreach_copy_(w, [gs[i] for i in plan.m_idx])
+            torch._foreach_mul_(w, ms)
+            m_norm = torch._foreach_norm(ms)
+            abs_dot = torch._foreach_norm(w, 1)
+            torch._foreach_clamp_max_(w, 0.)
+            neg_dot, n_neg = torch._foreach_norm(w, 1), torch._foreach_norm(w, 0)
+            per_param = torch.stack(m_norm + abs_dot + neg_dot + n_neg).float().view(4, -1)
+            per_param[0].square_()
+            m_sq, abs_dot, neg_dot, n_neg = _layer_sums(plan.idx_m, n_layers, per_param).unbind(0)
+            mom_norm = m_sq.sqrt() * plan.nan_if_no_m
+            cos = (abs_dot - 2 * neg_dot) / (grad_norm * mom_norm)  # Σ g·m = Σ|g·m| − 2 Σ|min(g·m, 0)|
+            sign_flip = n_neg / plan.numel_m
+        else: mom_norm = cos = sign_flip = nan
+        if vs:
+            v_sum = _layer_sums(plan.idx_v, n_layers, torch.stack(torch._foreach_norm(vs, 1)).float()[None])[0]
+            sqr_rms = (v_sum / plan.numel_v).sqrt()
+        else: sqr_rms = nan
+        return torch.stack([grad_norm, mom_norm, cos, sign_flip, update_norm, param_norm,
+                            update_norm / param_norm, sqr_rms])
+
+    # ---- the log
+    def _drain(self):
+        "Move the pending steps into the table as one tensor block per column."
+        if not self._pending: return
+        pending, self._pending = self._pending, []
+        block = torch.cat([s for *_, s in pending], 1)  # (n_stats, rows)
+        cols = dict(zip(_STATS, block.unbind(0)))
+        self.table.append(step=[s for s, _, layers, *_ in pending for _ in layers],
+                          epoch=[e for _, e, layers, *_ in pending for _ in layers],
+                          layer=[l for _, _, layers, *_ in pending for l in layers],
+                          beta=[b for *_, beta, _ in pending for b in beta], **cols)
+        self.table.flush()
+
+    @property
+    def df(self):
+        "One row per (logged step, layer): `step`, `epoch`, `layer` and the statistics in the module docstring."
+        self._drain()
+        df = self.table.df
+        return df.astype({'step': 'int64', 'epoch': 'int64'}) if len(df) else df
+
+    def _epoch_mean(self, row):
+        if not self._epoch_stats: return math.nan
+        return torch.cat([s[row] for s in self._epoch_stats]).nanmean().item()
+
+    def _epoch_cos(self): return self._epoch_mean(_STATS.index('cos_mom_grad'))
+    def _epoch_flip(self): return self._epoch_mean(_STATS.index('sign_flip'))
+
+    def plot(self, stats=('grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_ratio', 'beta'),
+             layers=None):
+        "A `Figure` with one panel per statistic in `stats` and one line per layer (all layers when `layers` is None)."
+        return plot_per_layer(self.df, stats, layers=layers, title='MomentumLogger',
+                              logy=('grad_norm', 'mom_norm', 'update_norm', 'param_norm', 'update_ratio'))
