@@ -127,8 +127,8 @@ class DropoutSchedule(StepCallback):
     """Set `p` of the model's dropout modules before every training batch to `sched(pct)`, pct being the
     fraction of this fit done (`learn.pct_train`, as fastai's `ParamScheduler` sees it). `scheds` is a number, a
     callable pct -> p, a list with one entry per dropout module (in `model.named_modules()` order), or a dict
-    `{layer name: number or callable}` (layers not named keep their p). Validation batches are left alone, and
-    every module's own p comes back when the fit ends, even one that raised or was cancelled.
+    `{layer name: number or callable}` (layers not named keep their p). Every module's own p comes back after
+    each training phase (so validation sees it) and when the fit ends, even one that raised or was cancelled.
 
     `.df`: one row per (training batch, dropout layer): `step` (the optimizer step the batch feeds, counted as
     `StepCallback` counts), `epoch`, `pct`, `layer`, `p`. The progress table gets `dropout_p`, the mean p applied
@@ -207,6 +207,8 @@ class DropoutSchedule(StepCallback):
         for m, p in self._applied or []: m.p = p
         self._applied, self._owner = None, None
         _UNRESTORED.discard(self)
+
+    def after_train(self): self.restore()  # validation, even inside a fit, sees the model's own p
 
     def after_fit(self):
         self.restore()
