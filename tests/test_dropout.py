@@ -223,6 +223,8 @@ def test_export_sees_original_p_and_leaves_log_out(dls, tmp_path):
     learn = make_learn(dls, cbs=DropoutSchedule(early_dropout(0.4, linear=True)))
     learn.path = tmp_path
     with pytest.raises(RuntimeError): learn.fit(1, 1e-3, cbs=RaiseAt(RuntimeError('stop'), at=2))
+    learn.export('raised.pkl')  # straight after the failed fit
+    assert current_ps(load_learner(tmp_path / 'raised.pkl')) == ORIGINAL
     learn.fit(1, 1e-3)
     assert len(learn.dropout_schedule.df) > 0
     learn.export('model.pkl')
