@@ -1,2 +1,514 @@
-"(placeholder while this module is being written)"
-__all__ = []
+"""Batch norm made visible: how far each training batch sits from BN's running statistics and how far
+those have drifted (`BNDrift`), the gap between the running (EMA) statistics and the true population
+statistics at the current weights (`precise_bn`), and which continuous inputs of new data have moved
+away from what `bn_cont` saw in training (`bn_shift`)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from fastai.learner import Learner
+from fastai.tabular.core import FillMissing, Normalize
+from fastai.torch_core import rank_distrib
+from fastcore.basics import patch_to, store_attr
+from fastcore.foundation import L
+from matplotlib.figure import Figure
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .core import LogTable, StepCallback
+
+__all__ = ['BNDrift', 'precise_bn', 'bn_shift', 'bn_layers']
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding BN layers
+
+def _unwrap(model):
+    "The module inside `DistributedDataParallel`/`DataParallel` wrappers, so layer names read the same on every rank."
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+    return model
+
+
+def bn_layers(model):
+    """`L` of `(name, module)` for every BN layer (`torch.nn.modules.batchnorm._BatchNorm`, so
+    `SyncBatchNorm` too) of `model` that keeps running statistics, in `named_modules()` order. Looked up
+    afresh on each call: `DistributedTrainer` swaps module objects at `before_fit`."""
+    return L((name, m) for name, m in _unwrap(model).named_modules()
+             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None)
+
+
+def _require_bn(model, who):
+    bns = bn_layers(model)
+    if not bns:
+        raise ValueError(f"{who} needs a BatchNorm layer that tracks running statistics, and the model has none; "
+                         "build it with batch norm (tabular_learner does by default: use_bn=True, bn_cont=True)")
+    return bns
+
+
+# ---------------------------------------------------------------------------------------------
+# Population statistics (the precise pass)
+
+@contextlib.contextmanager
+def _preserved_rng(*dls):
+    "Iterating a fastai `DataLoader` reseeds its `rng`, and dropout draws from torch's RNG: put both back afterwards."
+    dls = [d for dl in dls for d in (dl, getattr(dl, 'dl', None)) if hasattr(d, 'rng')]
+    states = [dl.rng.getstate() for dl in dls]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices): yield
+    finally:
+        for dl, s in zip(dls, states): dl.rng.setstate(s)
+        random.setstate(py_state); np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _bn_pass_mode(model, bns, dropout=True):
+    """Training mode (BN uses batch statistics) with every BN momentum at 1, so that after each forward
+    a layer's running buffers hold exactly that batch's mean and unbiased variance. `dropout=False`
+    puts dropout modules in eval mode. Modes, momenta and `num_batches_tracked` are put back on exit;
+    `running_mean`/`running_var` are the caller's to set."""
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(bn, bn.momentum) for bn in bns]
+    tracked = [(bn, bn.num_batches_tracked.clone()) for bn in bns if bn.num_batches_tracked is not None]
+    try:
+        model.train()
+        if not dropout:
+            for m in model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd): m.eval()
+        for bn in bns: bn.momentum = 1.
+        yield
+    finally:
+        for bn, mom in momenta: bn.momentum = mom
+        for bn, nbt in tracked: bn.num_batches_tracked.copy_(nbt)
+        for m, mode in modes: m.training = mode
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_sum(t):
+    "Sum of `t` over all processes (every rank gets the same tensor); `t` itself with one process."
+    if _world_size() > 1: dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _merge_moments(n, mean, m2, allsum=_all_sum):
+    """Pool per-process `(n, mean, m2)` (count, mean and sum of squared deviations, per channel) into
+    the statistics of all samples together, with `allsum` summing a tensor over processes:
+    N = Σn, μ = Σn·μ_r/N, M2 = Σ(M2_r + n·(μ_r − μ)²) (Chan et al.'s parallel update)."""
+    total = allsum(n.clone())
+    gmean = allsum(n * mean) / total
+    gm2 = allsum(m2 + n * (mean - gmean) ** 2)
+    return total, gmean, gm2
+
+
+class _MomentAccumulator:
+    """Pools per-batch BN statistics over samples in float64: each batch of `n` samples with mean μ_B
+    and unbiased variance σ²_B adds n·μ_B to Σx and (n−1)·σ²_B + n·μ_B² to Σx², both taken about a
+    shift K (the first batch's mean) so that E[x²] − E[x]² loses no precision."""
+    def __init__(self, sizes, device):
+        self.sizes, self.n = list(sizes), None
+        self.seg = torch.repeat_interleave(torch.arange(len(self.sizes), device=device),
+                                           torch.tensor(self.sizes, device=device))
+
+    def _per_channel(self, vals):
+        if len(set(vals)) == 1: return float(vals[0])
+        return torch.tensor(vals, dtype=torch.float64, device=self.seg.device)[self.seg]
+
+    def add(self, mean, var, counts, within):
+        "`counts`: samples per layer in this batch; `within`: the weight of σ²_B per layer (n−1 for plain BN)."
+        mean, var = mean.double(), var.double()
+        n, w = self._per_channel(counts), self._per_channel(within)
+        if self.n is None:
+            self.shift = mean.clone()
+            self.n, self.s1, self.s2 = torch.zeros_like(mean), torch.zeros_like(mean), torch.zeros_like(mean)
+        d = mean - self.shift
+        self.n += n
+        self.s1 += n * d
+        self.s2 += n * d * d + w * var
+
+    def moments(self):
+        "`(n, mean, m2)` per channel."
+        mean = self.shift + self.s1 / self.n
+        return self.n, mean, self.s2 - self.s1 ** 2 / self.n
+
+
+@torch.no_grad()
+def _population_stats(model, bns, batches, dropout=True):
+    """Population mean and variance (σ²_P with divisor N, the variance of all the samples the layer saw)
+    of every BN layer's input over `batches` (tuples of model inputs), pooled over samples — a batch
+    weighs by its size — and over processes under `torch.distributed`. Returns flat float64 tensors
+    (channels of all layers concatenated). Leaves running buffers holding the last batch's stats."""
+    counts, handles = {}, []
+    world = _world_size()
+    def record(bn, args):
+        x = args[0]
+        counts[bn] = x.numel() // x.shape[1]
+    acc = _MomentAccumulator([bn.num_features for bn in bns], bns[0].running_mean.device)
+    try:
+        handles = [bn.register_forward_pre_hook(record) for bn in bns]
+        with _bn_pass_mode(model, bns, dropout=dropout):
+            for xb in batches:
+                model(*xb)
+                n = [counts[bn] for bn in bns]
+                # SyncBatchNorm's batch statistics already cover all processes' samples (n·world of them)
+                tot = [c * world if isinstance(bn, nn.SyncBatchNorm) else c for c, bn in zip(n, bns)]
+                within = [c * (t - 1) / t for c, t in zip(n, tot)]
+                acc.add(torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]), n, within)
+    finally:
+        for h in handles: h.remove()
+    if acc.n is None: raise ValueError("the precise pass saw no batch: the loader is empty")
+    total, mean, m2 = _merge_moments(*acc.moments())
+    return mean, m2 / total
+
+
+def _batches(learn, dl, n_batches):
+    "The first `n_batches` input tuples of `dl`, on the model's device."
+    n_inp = getattr(learn.dls, 'n_inp', None)
+    device = next(learn.model.parameters()).device
+    for i, b in enumerate(dl):
+        if i >= n_batches: break
+        b = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
+        yield b[:n_inp] if n_inp is not None else b[:max(len(b) - 1, 1)]
+
+
+def _flat_stats(bns):
+    return (torch.cat([bn.running_mean for bn in bns]).double(), torch.cat([bn.running_var for bn in bns]).double())
+
+
+def _layer_means(values, seg, n_layers):
+    "Mean over each layer's channels of every row of `values` (k × C) → k × n_layers, one kernel whatever the layer count."
+    out = values.new_zeros(values.shape[0], n_layers).index_add_(1, seg, values)
+    return out / torch.bincount(seg, minlength=n_layers).to(values)
+
+
+def _gaps(bns, mean_r, var_r, mean_p, var_p):
+    """Per layer, `mean_gap` = mean_c |μ_R − μ_P| / √(σ²_P + eps) and `var_gap` = mean_c |log(σ²_R / σ²_P)|."""
+    sizes = [bn.num_features for bn in bns]
+    seg = torch.repeat_interleave(torch.arange(len(bns), device=mean_r.device), torch.tensor(sizes, device=mean_r.device))
+    eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64, device=mean_r.device)[seg]
+    mean_gap = (mean_r - mean_p).abs() / (var_p + eps).sqrt()
+    var_gap = torch.log(var_r / var_p).abs()
+    return _layer_means(torch.stack([mean_gap, var_gap]), seg, len(bns)).cpu().numpy()
+
+
+def _set_stats(bns, mean, var):
+    for bn, m, v in zip(bns, mean.split([bn.num_features for bn in bns]), var.split([bn.num_features for bn in bns])):
+        bn.running_mean.copy_(m); bn.running_var.copy_(v)
+
+
+def _check_count(name, value, lo=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
+    return int(value)
+
+
+def precise_bn(learn, n_batches=200, dl=None, dropout=True):
+    """Replace every BN layer's running statistics by the population statistics of its inputs over
+    `n_batches` batches of `dl` (default the training loader), at the current weights: a no-grad pass in
+    training mode, pooled over samples (μ_P = Σx/N, σ²_P = Σ(x − μ_P)²/N, so a batch weighs by its
+    size), and over processes when `torch.distributed` is initialised, so every rank ends with the same
+    buffers. `dropout=False` switches dropout off for the pass (dropout before BN changes the variance BN
+    sees, Li et al. 2019). Momenta, modes, `num_batches_tracked`, weights and optimizer state are left
+    as they were. Returns, per layer, how far the running statistics were from the population ones:
+    `mean_gap` = mean_c |μ_R − μ_P| / √(σ²_P + eps), `var_gap` = mean_c |log(σ²_R / σ²_P)|."""
+    bns = _require_bn(learn.model, 'precise_bn')
+    n_batches = _check_count('n_batches', n_batches)
+    dl = learn.dls.train if dl is None else dl
+    if n_batches > len(dl):
+        raise ValueError(f"n_batches={n_batches} but the loader holds only {len(dl)} batches: "
+                         f"pass n_batches<={len(dl)} or a larger dl")
+    names, mods = bns.itemgot(0), list(bns.itemgot(1))
+    with torch.no_grad():
+        mean_r, var_r = _flat_stats(mods)
+        with _preserved_rng(dl):
+            mean_p, var_p = _population_stats(_unwrap(learn.model), mods, _batches(learn, dl, n_batches), dropout)
+        gaps = _gaps(mods, mean_r, var_r, mean_p, var_p)
+        _set_stats(mods, mean_p, var_p)
+    return pd.DataFrame({'layer': list(names), 'mean_gap': gaps[0], 'var_gap': gaps[1]})
+
+patch_to(Learner, nm='precise_bn')(precise_bn)
+
+
+# ---------------------------------------------------------------------------------------------
+# BNDrift
+
+class BNDrift(StepCallback):
+    """Log, for every BN layer, how far each `every`-th training batch's statistics sit from the running
+    statistics, and how far those have moved since the fit began (`.df`). The batch statistics are read
+    back exactly from the running-stat update, run = (1 − m)·run + m·batch, so nothing hooks the forward:
+    μ_B = μ_R + (μ_R,after − μ_R)/m (same for the unbiased σ²_B). A layer with `momentum=None` keeps a
+    cumulative average, m = 1/num_batches_tracked; one with momentum 0, or in eval mode during training
+    (frozen BN), shows no batch statistics: its shift columns are NaN.
+
+    With `precise_every=k`, at the end of every k-th epoch's training phase it measures the population
+    statistics over `precise_batches` training batches at the current weights (`precise_bn`'s pass) and
+    the validation loss with them, then puts every buffer back, so training goes on exactly as without
+    it (`.precise_df`, and a `valid_loss_precise` column in the progress table)."""
+    _stateattrs = ('_log', '_precise_log', '_bns')
+    drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
+
+    def __init__(self, every=1, precise_every=None, precise_batches=50):
+        super().__init__()
+        self._init_state()  # fastai's Callback.__init__ does not reach Stateful's
+        self.every = _check_count('every', every)
+        self.precise_every = None if precise_every is None else _check_count('precise_every', precise_every)
+        self.precise_batches = _check_count('precise_batches', precise_batches)
+        self.epoch_columns = {'valid_loss_precise': '_last_precise_loss'} if precise_every else {}
+        self.n_train_batch = 0
+
+    def _init_state(self):
+        super()._init_state()
+        self._log = LogTable(['step', 'epoch', 'layer', *self.drift_stats])
+        self._precise_log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise'])
+        self._bns = L()
+
+    @property
+    def df(self):
+        "One row per (logged training batch, BN layer): `step`, `epoch`, `layer`, `mean_shift`, `var_shift`, `mean_drift`."
+        return self._log.df
+
+    @property
+    def precise_df(self):
+        "One row per (measured epoch, BN layer): `epoch`, `layer`, `mean_gap`, `var_gap`, `valid_loss`, `valid_loss_precise`."
+        return self._precise_log.df
+
+    def reset(self):
+        "Forget every logged row."
+        self._log.clear(); self._precise_log.clear()
+
+    # --- setup -------------------------------------------------------------------------------
+    def before_fit(self):
+        super().before_fit()
+        self._bns = _require_bn(self.learn.model, 'BNDrift')
+        self._names, mods = list(self._bns.itemgot(0)), list(self._bns.itemgot(1))
+        dev = mods[0].running_mean.device
+        sizes = torch.tensor([bn.num_features for bn in mods], device=dev)
+        self._seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), sizes)
+        self._eps = torch.tensor([bn.eps for bn in mods], device=dev)[self._seg]
+        mean0, var0 = self._stats()
+        self._mean0, self._rstd0 = mean0.clone(), (var0 + self._eps).rsqrt()
+        self._mom_key, self._pending, self._last_loss_precise = None, False, float('nan')
+        self._measured = False
+        self._logs_here = rank_distrib() == 0
+
+    def _stats(self):
+        mods = self._bns.itemgot(1)
+        return torch.cat([bn.running_mean for bn in mods]), torch.cat([bn.running_var for bn in mods])
+
+    def _momentum(self):
+        "Per-channel m of the running-stat update that just ran (cached while the momenta stay the same)."
+        mods = self._bns.itemgot(1)
+        key = tuple(bn.momentum for bn in mods)
+        if key != self._mom_key:
+            self._mom_key = key
+            self._mom_const = torch.tensor([0. if m is None else m for m in key], device=self._seg.device)
+            self._cma = torch.tensor([m is None for m in key], device=self._seg.device) if None in key else None
+        m = self._mom_const
+        if self._cma is not None:  # cumulative average: m = 1/num_batches_tracked (already counted this batch)
+            nbt = torch.stack([bn.num_batches_tracked for bn in mods]).to(m)
+            m = torch.where(self._cma, 1 / nbt, m)
+        return m[self._seg]
+
+    # --- every logged training batch ---------------------------------------------------------
+    def before_batch(self):
+        if not self.training: return
+        self.n_train_batch += 1
+        self._pending = self._logs_here and self.n_train_batch % self.every == 0
+        if not self._pending: return
+        self._fwd, self._ran = False, False
+        self._mean_r, self._var_r = (t.clone() for t in self._stats())
+        self._live = tuple(bn.training for bn in self._bns.itemgot(1))
+
+    def after_pred(self):
+        if self._pending: self._fwd = True
+
+    def after_step(self):
+        self._ran = self.count_step()
+
+    def after_batch(self):
+        if not (self.training and self._pending and self._fwd): return
+        self._pending = False
+        mean_a, var_a = self._stats()
+        m = self._momentum()
+        mean_r, var_r = self._mean_r, self._var_r
+        mean_b, var_b = mean_r + (mean_a - mean_r) / m, var_r + (var_a - var_r) / m
+        per_channel = torch.stack([(mean_b - mean_r).abs() * (var_r + self._eps).rsqrt(),
+                                   torch.log(var_b / var_r).abs(),
+                                   (mean_r - self._mean0).abs() * self._rstd0])
+        per_layer = _layer_means(per_channel.float(), self._seg, len(self._names))
+        if not all(self._live):
+            per_layer[:2, torch.tensor([not l for l in self._live], device=per_layer.device)] = float('nan')
+        step = self.n_step if self._ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
+        self._log.append(step=step, epoch=self.epoch, layer=self._names,
+                         mean_shift=per_layer[0], var_shift=per_layer[1], mean_drift=per_layer[2])
+
+    # --- population statistics at epoch end ---------------------------------------------------
+    def after_train(self):
+        self._measured = bool(self.precise_every) and (self.epoch + 1) % self.precise_every == 0
+        self._valid_sum, self._valid_n = 0., 0
+        if not self._measured: return
+        mods = list(self._bns.itemgot(1))
+        model, train_dl = _unwrap(self.learn.model), self.learn.dls.train
+        with torch.no_grad():
+            saved = [(t, t.clone()) for bn in mods for t in (bn.running_mean, bn.running_var)]
+            mean_r, var_r = _flat_stats(mods)
+            try:
+                with _preserved_rng(train_dl, self.learn.dls.valid):
+                    n = min(self.precise_batches, len(train_dl))
+                    mean_p, var_p = _population_stats(model, mods, _batches(self.learn, train_dl, n))
+                    _set_stats(mods, mean_p, var_p)
+                    self._last_loss_precise = self._valid_loss(model)
+            finally:
+                for t, s in saved: t.copy_(s)
+            self._gap = _gaps(mods, mean_r, var_r, mean_p, var_p)
+
+    def _valid_loss(self, model):
+        "Mean validation loss (weighted by batch size, as `Recorder` does) with the model in eval mode."
+        dl = self.learn.dls.valid
+        if not len(dl): return float('nan')
+        modes = [(m, m.training) for m in model.modules()]
+        n_inp = getattr(self.learn.dls, 'n_inp', 1)
+        device = next(model.parameters()).device
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        try:
+            model.eval()
+            for b in dl:
+                b = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
+                xb, yb = b[:n_inp], b[n_inp:]
+                bs = len(yb[0])
+                total += self.learn.loss_func(model(*xb), *yb).detach().double() * bs
+                count += bs
+        finally:
+            for m, mode in modes: m.training = mode
+        return float(total / count)
+
+    def _last_precise_loss(self): return self._last_loss_precise if self._measured else float('nan')
+
+    def after_loss(self):
+        if self.training or not self._measured or not len(self.yb): return
+        bs = len(self.yb[0])
+        self._valid_sum = self._valid_sum + self.learn.loss.detach().double() * bs
+        self._valid_n += bs
+
+    def after_epoch(self):
+        if not self._measured or not self._logs_here: return
+        valid_loss = float(self._valid_sum / self._valid_n) if self._valid_n else float('nan')
+        self._precise_log.append(epoch=self.epoch, layer=self._names, mean_gap=self._gap[0], var_gap=self._gap[1],
+                                 valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
+
+    def after_fit(self):
+        super().after_fit()
+        self._log.flush(); self._precise_log.flush()
+        self._bns, self._pending = L(), False
+
+    # --- plots -------------------------------------------------------------------------------
+    def plot(self, stats=drift_stats, layers=None):
+        """A `Figure`: one panel per drift stat against `step`, one line per layer, and, when
+        `precise_df` has rows, the EMA-vs-population gaps and the two validation losses per epoch."""
+        df, pdf = self.df, self.precise_df
+        if not len(df) and not len(pdf): raise ValueError("nothing logged yet: train with BNDrift attached, then plot")
+        if layers is not None:
+            known = set(df['layer']) | set(pdf['layer'])
+            bad = [l for l in L(layers) if l not in known]
+            if bad: raise ValueError(f"unknown layers {bad}; logged layers are {sorted(known)}")
+            df, pdf = df[df['layer'].isin(L(layers))], pdf[pdf['layer'].isin(L(layers))]
+        stats = list(L(stats))
+        unknown = [s for s in stats if s not in self.drift_stats]
+        if unknown: raise ValueError(f"unknown stats {unknown}; choose from {list(self.drift_stats)}")
+        panels = [(df, s, 'step') for s in stats if len(df)]
+        if len(pdf): panels += [(pdf, 'mean_gap', 'epoch'), (pdf, 'var_gap', 'epoch'), (pdf, None, 'epoch')]
+        ncols = 3 if len(panels) > 4 else 2
+        nrows = math.ceil(len(panels) / ncols)
+        fig = Figure(figsize=(5 * ncols, 3.2 * nrows), layout='constrained')
+        axs = fig.subplots(nrows, ncols, squeeze=False).flatten()
+        for ax, (d, stat, x) in zip(axs, panels):
+            if stat is None:  # the validation loss with running vs population statistics
+                per_epoch = d.groupby('epoch', sort=True)[['valid_loss', 'valid_loss_precise']].first()
+                ax.plot(per_epoch.index, per_epoch['valid_loss'], 'o-', label='running (EMA) stats')
+                ax.plot(per_epoch.index, per_epoch['valid_loss_precise'], 's--', label='population stats')
+                ax.set_title('valid loss'); ax.legend(fontsize='small')
+            else:
+                for layer, g in d.groupby('layer', sort=False):
+                    ax.plot(g[x].to_numpy(), g[stat].to_numpy(), 'o-' if x == 'epoch' else '-', lw=1,
+                            ms=3, label=str(layer))
+                ax.set_title(stat)
+            ax.set_xlabel(x)
+        for ax in axs[len(panels):]: ax.set_visible(False)
+        axs[0].legend(fontsize='small', ncols=2)
+        fig.suptitle('BatchNorm: batch vs running statistics' + (', EMA vs population' if len(pdf) else ''))
+        return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# bn_shift
+
+def _proc(learn, cls):
+    procs = getattr(learn.dls, 'procs', None) or getattr(getattr(learn.dls, 'train_ds', None), 'procs', None) or []
+    return next((p for p in procs if isinstance(p, cls)), None)
+
+
+def _ema_samples(bn, bs):
+    """How many training samples the running statistics effectively average: an EWMA with weight m
+    over batches of `bs` has the variance of a mean over bs·(2 − m)/m samples; a cumulative average
+    (momentum None) covers num_batches_tracked·bs."""
+    if bn.momentum is None: return float(bn.num_batches_tracked) * bs
+    m = bn.momentum
+    return float('inf') if m == 0 else bs * (2 - m) / m
+
+
+def bn_shift(learn, df, threshold=3.):
+    """Which continuous features of new data `df` have moved away from what `bn_cont` learned in
+    training, in the data's own units (fastai's `Normalize` undone: train_mean = mean + μ_R·std,
+    train_std = √σ²_R·std; missing values filled as `FillMissing` does). Per feature:
+
+    - `z` = (new_mean − train_mean) / SE, with SE = train_std·√(1/n_new + 1/n_ema): the gap between the
+      means in standard errors of their difference; n_ema = bs·(2 − m)/m is the number of samples BN's
+      exponential average effectively holds (about 19·bs for m = 0.1).
+    - `std_ratio` = new_std / train_std.
+    - `shifted`: |z| > `threshold`, or |log std_ratio| > `threshold` standard errors of a log standard
+      deviation, √((κ − 1)/4·(1/n_new + 1/n_ema)) with κ the new data's kurtosis (so heavy tails are not
+      flagged for noise).
+
+    Raises `ValueError` for a model without `bn_cont`, or `df` missing one of the model's continuous
+    columns (or holding non-numbers there)."""
+    model = _unwrap(learn.model)
+    bn = getattr(model, 'bn_cont', None)
+    if not isinstance(bn, _BatchNorm) or bn.running_mean is None:
+        raise ValueError("bn_shift reads what the model's `bn_cont` BatchNorm learned, and this model has none: "
+                         "build it with tabular_config(bn_cont=True) (the default)")
+    if not isinstance(df, pd.DataFrame): raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if not threshold > 0: raise ValueError(f"threshold={threshold!r} must be > 0")
+    conts = list(learn.dls.cont_names)
+    if len(conts) != bn.num_features:
+        raise ValueError(f"bn_cont has {bn.num_features} channels but the data has {len(conts)} continuous columns")
+    missing = [c for c in conts if c not in df.columns]
+    if missing: raise ValueError(f"df lacks the continuous columns {missing} the model was trained on; it needs all of {conts}")
+    if not len(df): raise ValueError("df has no rows")
+    try: x = df[conts].apply(pd.to_numeric).astype('float64')
+    except (TypeError, ValueError) as e: raise ValueError(f"the continuous columns of df must be numeric: {e}") from e
+    fill = _proc(learn, FillMissing)
+    if fill is not None: x = x.fillna({c: float(v) for c, v in fill.na_dict.items() if c in conts})
+    norm = _proc(learn, Normalize)
+    scale = np.array([float(norm.stds[c]) for c in conts]) if norm is not None else np.ones(len(conts))
+    offset = np.array([float(norm.means[c]) for c in conts]) if norm is not None else np.zeros(len(conts))
+    mean_r, var_r = bn.running_mean.detach().double().cpu().numpy(), bn.running_var.detach().double().cpu().numpy()
+    train_mean, train_std = offset + mean_r * scale, np.sqrt(var_r) * scale
+    n_new, n_ema = x.notna().sum().to_numpy().astype(float), _ema_samples(bn, getattr(learn.dls, 'bs', 64))
+    new_mean, new_std = x.mean().to_numpy(), x.std(ddof=1).to_numpy()
+    inv_n = 1 / n_new + 1 / n_ema
+    z = (new_mean - train_mean) / (train_std * np.sqrt(inv_n))
+    kurt = np.nan_to_num(x.kurt().to_numpy() + 3, nan=3.)  # pandas gives excess kurtosis
+    std_ratio = new_std / train_std
+    z_std = np.log(std_ratio) / np.sqrt(np.maximum(kurt - 1, 1e-6) / 4 * inv_n)
+    return pd.DataFrame({'feature': conts, 'train_mean': train_mean, 'train_std': train_std, 'new_mean': new_mean,
+                         'new_std': new_std, 'z': z, 'std_ratio': std_ratio,
+                         'shifted': (np.abs(z) > threshold) | (np.abs(z_std) > threshold)})
