@@ -5,6 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from fastai.tabular.all import tabular_config, tabular_learner
@@ -105,3 +106,57 @@ def test_export_loads_in_a_fresh_process(dls, tmp_path):
     assert out['ps'] == ps_before  # the model's own p, not a scheduled one
     assert out['opt'] == 'ForeachSGD' and all(n > 0 for n in out['logs_after'])
     assert out['valid_loss'] == out['valid_loss']  # trained to a number, not NaN
+
+
+# ---- long runs: memory per logged row, and logs streamed to disk as training goes
+
+def log_tables(cb): return [v for v in vars(cb).values() if isinstance(v, LogTable)]
+
+
+def test_log_memory_is_a_constant_per_row(dls):
+    """Every logged (step, layer) row costs the same few bytes however long training runs, and nothing in
+    proportion to the model (MomentumLogger ~96 B, DropoutSchedule ~72 B, BNDrift ~68 B on this model)."""
+    learn = make_learn(dls, sgd_momentum(0.9))
+    cbs = [learn.momentum_logger, learn.dropout_schedule, learn.bn_drift]
+    per_row = []
+    for _ in range(2):
+        learn.fit(1, 1e-2)
+        for cb in cbs: cb.df  # flush what is pending
+        per_row.append({type(cb).__name__: sum(t.nbytes() for t in log_tables(cb)) / sum(len(t) for t in log_tables(cb))
+                        for cb in cbs})
+    assert per_row[0] == per_row[1]  # twice the steps, twice the bytes
+    assert all(0 < b <= 128 for b in per_row[0].values()), per_row[0]
+
+
+def test_streamed_log_holds_bounded_memory(tmp_path):
+    "With `path` and `keep=False` a LogTable holds only its unflushed block; the file has every flushed row."
+    import tracemalloc
+    cols = ['step', 'layer', 'grad_norm']
+    layers = [f'layers.{i}.0' for i in range(9)]
+    t = LogTable(cols, path=tmp_path / 'log.csv', keep=False, flush_every=8)
+    held = []
+    tracemalloc.start()
+    try:
+        for step in range(1, 801):
+            t.append(step=step, layer=layers, grad_norm=torch.rand(len(layers)))
+            if step in (200, 800): held.append(tracemalloc.get_traced_memory()[0])
+    finally: tracemalloc.stop()
+    assert t.nbytes() == 0 and held[1] - held[0] < 64 * 1024  # 4x the steps, no more memory
+    on_disk = pd.read_csv(tmp_path / 'log.csv')
+    assert len(on_disk) == 800 * len(layers)  # a crash now would lose nothing: the last block was flushed
+    assert on_disk.step.iloc[-1] == 800 and on_disk.layer.iloc[-1] == 'layers.8.0'
+
+
+@pytest.mark.xfail(strict=True, reason="the callbacks do not take a stream path yet (reported to the lead): "
+                   "each should pass `path=`/`keep=` to its LogTable")
+def test_callbacks_stream_logs_to_disk(dls, tmp_path):
+    paths = {n: tmp_path / f'{n}.csv' for n in ('mom', 'drop', 'bn')}
+    cbs = [MomentumLogger(path=paths['mom'], keep=False), DropoutSchedule(0.1, path=paths['drop'], keep=False),
+           BNDrift(path=paths['bn'], keep=False)]
+    set_seed(0)
+    learn = tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=[0.1, 0.1]), cbs=cbs)
+    learn.fit(1, 1e-2)
+    for cb, path in zip(cbs, paths.values()):
+        assert sum(t.nbytes() for t in log_tables(cb)) == 0
+        on_disk = pd.read_csv(path)
+        assert len(on_disk) > 0 and len(on_disk) == len(cb.df)
