@@ -1,0 +1,133 @@
+"`fastai-l5 bench`: the quick smoke run's structure and files. No timing assertions: speed is what the full run reports."
+import contextlib
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import fastai_l5.bench as fb
+from fastai_l5.bench import bench, SECTIONS, format_table
+
+STATUSES = {'ok', 'MISSED', 'info', 'baseline', 'n/a'}
+
+
+@pytest.fixture(scope='module')
+def quick(tmp_path_factory):
+    "One quick run shared by the tests: (results, output folder, what it printed)."
+    out = tmp_path_factory.mktemp('bench') / 'results'
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf): res = bench(quick=True, out=str(out))
+    return res, out, buf.getvalue()
+
+
+def _ratio_columns(df): return [c for c in df.columns if 'ratio' in c or c == 'speedup']
+
+
+def test_sections_and_statuses(quick):
+    res, _, _ = quick
+    assert tuple(res) == SECTIONS
+    for name, df in res.items():
+        assert isinstance(df, pd.DataFrame) and len(df), name
+        assert {'target', 'status'} <= set(df.columns), name
+        assert set(df['status']) <= STATUSES, (name, set(df['status']))
+        assert df['target'].map(lambda t: isinstance(t, str) and len(t) > 0).all(), name
+
+
+def test_ratios_are_finite_positive(quick):
+    res, _, _ = quick
+    for name, df in res.items():
+        cols = _ratio_columns(df)
+        assert cols, f"{name} has no ratio column"
+        for c in cols:
+            vals = df[c].astype(float)
+            assert vals.map(math.isfinite).all() and (vals > 0).all(), (name, c, vals.tolist())
+    # a ratio is compared with its target: 'ok' exactly when within it
+    ov = res['overhead'].set_index('variant')
+    for v in ('+MomentumLogger', '+DropoutSchedule', '+BNDrift'):
+        assert ov.loc[v, 'status'] == ('ok' if ov.loc[v, 'ratio'] <= fb.OURS_TARGET else 'MISSED')
+    assert ov.loc['+all three', 'status'] == ('ok' if ov.loc['+all three', 'ratio'] <= fb.ALL_TARGET else 'MISSED')
+    assert ov.loc['plain', 'ratio'] == 1.0
+
+
+def test_overhead_rows(quick):
+    ov = quick[0]['overhead']
+    assert list(ov['variant']) == ['plain', 'plain (A/A repeat)', '+MomentumLogger', '+DropoutSchedule', '+BNDrift',
+                                   '+all three', '+ActivationStats (fastai)']
+    assert (ov['min_s'] <= ov['median_s']).all() and (ov['median_s'] <= ov['max_s']).all()
+    assert (ov['ratio_min'] <= ov['ratio']).all() and (ov['ratio'] <= ov['ratio_max']).all()
+    assert (ov['rounds'] == fb.QUICK['rounds']).all()
+
+
+def test_optimizer_rows(quick):
+    op = quick[0]['optimizer']
+    assert len(op) == 3 * 2 * 2                         # families x models x (fastai, torch)
+    assert set(op['versus']) == {'fastai native', 'torch foreach'}
+    assert op['n_tensors'].max() >= 60                  # the deep model
+    assert (op['ours_us'] > 0).all() and (op['other_us'] > 0).all()
+    pd.testing.assert_series_equal(op['speedup'], 1 / op['ratio'], check_names=False)
+
+
+def test_memory_rows(quick):
+    mem = quick[0]['memory'].set_index('variant')
+    assert mem.loc['plain', 'log_rows'] == 0
+    for v in ('+MomentumLogger', '+DropoutSchedule', '+BNDrift'):
+        assert mem.loc[v, 'log_rows'] > 0 and mem.loc[v, 'log_bytes_per_1k_steps'] > 0, v
+    # all three log what the three log alone
+    assert mem.loc['+all three', 'log_rows'] == sum(mem.loc[v, 'log_rows'] for v in
+                                                    ('+MomentumLogger', '+DropoutSchedule', '+BNDrift'))
+    assert (mem['export_bytes'] > 0).all()
+
+
+def test_precise_bn_and_scaling_rows(quick):
+    res = quick[0]
+    assert list(res['precise_bn']['batches_from']) == ['training loader', 'preloaded batches']
+    sc = res['scaling']
+    assert set(sc['axis']) == {'width', 'rows'}
+    assert sc[sc.axis == 'rows']['rows'].is_monotonic_increasing
+
+
+def test_files_written(quick):
+    res, out, _ = quick
+    for name, df in res.items():
+        back = pd.read_csv(out / f'{name}.csv')
+        assert list(back.columns) == list(df.columns) and len(back) == len(df), name
+    doc = json.loads((out / 'bench.json').read_text())
+    for k in ('cpu', 'cores', 'torch', 'fastai', 'date', 'load_avg_end'):
+        assert doc['machine'].get(k) is not None, k
+    assert doc['config']['quick'] is True
+    assert {k: len(v) for k, v in doc['sections'].items()} == {k: len(v) for k, v in res.items()}
+    md = (out / 'bench.md').read_text()
+    assert 'Measured on' in md and md.count('### ') == len(SECTIONS)
+
+
+def test_stdout_table(quick):
+    _, _, text = quick
+    for title in fb._TITLES.values(): assert title in text
+    assert 'targets met' in text and fb.machine_info()['cpu'] in text
+
+
+def test_format_table():
+    df = pd.DataFrame(dict(variant=['a', 'bb'], median_s=[1.23456, 2.], ratio=[1.0, float('nan')],
+                           export_bytes=[1234567, 89], status=['ok', 'MISSED']))
+    lines = format_table(df).splitlines()
+    assert lines[0].split() == list(df.columns) and len(lines) == 4
+    assert '1.235' in lines[2] and '1,234,567' in lines[2] and 'nan' in lines[3]
+
+
+def test_status_and_pairing():
+    assert fb._status(1.01, 1.02) == 'ok' and fb._status(1.03, 1.02) == 'MISSED'
+    assert fb._status(float('nan'), 1.02) == 'n/a'
+    # ratios pair runs of the same round: a slow round slows both sides and cancels out
+    med, lo, hi = fb._paired([2., 4., 1.1], [2., 4., 1.])
+    assert (med, lo, hi) == (1.0, 1.0, pytest.approx(1.1))
+
+
+def test_main_parses_arguments(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fb, 'bench', lambda quick, out: seen.update(quick=quick, out=out))
+    fb.main(['--quick', '--out', 'somewhere'])
+    assert seen == dict(quick=True, out='somewhere')
+    fb.main([])
+    assert seen == dict(quick=False, out='l5_bench')
