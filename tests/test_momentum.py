@@ -1,0 +1,323 @@
+"Tests of `MomentumLogger`: every column against an independent float64 computation from recorded tensors."
+import math
+import warnings
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelStepException
+import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle onto Learner)
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import load_learner
+from fastai.optimizer import SGD, Adam, OptimWrapper, RMSProp
+from fastai.tabular.learner import tabular_learner
+from fastai.torch_core import params, set_seed
+from matplotlib.figure import Figure
+
+from fastai_l5.all import *
+
+warnings.filterwarnings('ignore', category=UserWarning)
+
+STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm', 'param_norm', 'update_ratio',
+         'beta', 'sqr_avg_rms']
+
+
+@pytest.fixture(scope='module')
+def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
+
+
+def make_learn(dls, opt_func=Adam, cbs=(), **kw):
+    set_seed(0)
+    learn = tabular_learner(dls, layers=[16, 8], opt_func=opt_func, cbs=list(cbs), **kw)
+    return learn
+
+
+def torch_opt(cls, **kw): return partial(OptimWrapper, opt=partial(cls, **kw))
+
+
+class RecordSteps(Callback):
+    """Keeps float64 copies of what each real optimizer step saw: p before and after, g, the moments
+    (read by the given state names) and β (read from fastai hypers or torch param groups directly)."""
+    order = 45
+
+    def __init__(self, first=(), second=()):
+        self.first, self.second, self.steps, self.cancelled, self.n = first, second, [], False, 0
+
+    def _stepped(self): return [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
+
+    def before_step(self):
+        self.before = [p.detach().double().clone() for p in self._stepped()]
+
+    def after_cancel_step(self): self.cancelled = True
+
+    def after_step(self):
+        if self.cancelled: self.cancelled = False; return
+        self.n += 1
+        opt, ps = self.learn.opt, self._stepped()
+        wrapped = isinstance(opt, OptimWrapper)
+        states = opt.opt.state if wrapped else opt.state
+        owner = {id(p): n for n, m in self.learn.model.named_modules() for p in m.parameters(recurse=False)}
+        group = {id(p): i for i, pg in enumerate(opt.param_lists) for p in pg}
+        def beta(p):
+            if not wrapped: return opt.hypers[group[id(p)]].get('mom', math.nan)
+            pg = opt.opt.param_groups[group[id(p)]]
+            return pg['betas'][0] if 'betas' in pg else pg.get('momentum', math.nan)
+        def read(p, names):
+            st = states.get(p, {})
+            t = next((st[n] for n in names if isinstance(st.get(n), torch.Tensor)), None)
+            return None if t is None else t.detach().double().clone()
+        self.steps.append(dict(
+            step=self.n, epoch=self.learn.epoch, layers=[owner[id(p)] for p in ps],
+            g=[p.grad.detach().double().clone() for p in ps], p0=self.before,
+            p1=[p.detach().double().clone() for p in ps], beta=[beta(p) for p in ps],
+            m=[read(p, self.first) for p in ps], v=[read(p, self.second) for p in ps]))
+
+
+def expected_df(rec):
+    "The logger's columns computed in float64 from the recorded tensors, one row per (step, layer)."
+    rows = []
+    cat = lambda ts: torch.cat([t.reshape(-1) for t in ts]) if ts else None
+    for s in rec.steps:
+        for layer in dict.fromkeys(s['layers']):
+            i = [k for k, l in enumerate(s['layers']) if l == layer]
+            g, dp, p1 = cat([s['g'][k] for k in i]), cat([s['p1'][k] - s['p0'][k] for k in i]), cat([s['p1'][k] for k in i])
+            im = [k for k in i if s['m'][k] is not None]
+            iv = [k for k in i if s['v'][k] is not None]
+            gm, m, v = cat([s['g'][k] for k in im]), cat([s['m'][k] for k in im]), cat([s['v'][k] for k in iv])
+            nan = math.nan
+            row = dict(step=s['step'], epoch=s['epoch'], layer=layer, grad_norm=g.norm().item(),
+                       mom_norm=m.norm().item() if im else nan,
+                       cos_mom_grad=(gm @ m / (g.norm() * m.norm())).item() if im else nan,
+                       sign_flip=(gm * m < 0).double().mean().item() if im else nan,
+                       update_norm=dp.norm().item(), param_norm=p1.norm().item(),
+                       update_ratio=(dp.norm() / p1.norm()).item(), beta=float(s['beta'][i[0]]),
+                       sqr_avg_rms=v.mean().sqrt().item() if iv else nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def assert_matches(got, rec, steps=None):
+    exp = expected_df(rec)
+    if steps is not None: exp = exp[exp.step.isin(steps)].reset_index(drop=True)
+    assert len(got) == len(exp) > 0, (len(got), len(exp))
+    got = got.reset_index(drop=True)
+    assert got.step.tolist() == exp.step.tolist() and got.layer.tolist() == exp.layer.tolist()
+    assert got.epoch.tolist() == exp.epoch.tolist()
+    for c in STATS:
+        np.testing.assert_allclose(got[c].to_numpy(float), exp[c].to_numpy(float), rtol=2e-4, atol=1e-6,
+                                   equal_nan=True, err_msg=c)
+
+
+FAMILIES = {
+    'fastai_adam': (Adam, ('grad_avg',), ('sqr_avg',)),
+    'fastai_sgd_mom': (partial(SGD, mom=0.9), ('grad_avg',), ()),
+    'fastai_sgd_plain': (SGD, ('grad_avg',), ()),
+    'fastai_rmsprop': (RMSProp, ('grad_avg',), ('sqr_avg',)),
+    'torch_sgd': (torch_opt(torch.optim.SGD, momentum=0.9, weight_decay=1e-3), ('momentum_buffer',), ()),
+    'torch_adam': (torch_opt(torch.optim.Adam), ('exp_avg',), ('exp_avg_sq',)),
+    'torch_adamw': (torch_opt(torch.optim.AdamW, weight_decay=0.1), ('exp_avg',), ('exp_avg_sq',)),
+    'torch_rmsprop_mom': (torch_opt(torch.optim.RMSprop, momentum=0.5, centered=True), ('momentum_buffer',), ('square_avg',)),
+    'torch_sgd_plain': (torch_opt(torch.optim.SGD), ('momentum_buffer',), ()),
+    'l5_sgd': (sgd_momentum(0.9), ('grad_avg',), ()),
+    'l5_heavy_ball': (sgd_momentum(0.9, dampening=False, nesterov=True), ('grad_avg',), ()),
+    'l5_rmsprop_mom': (rmsprop(mom=0.5, centered=True), ('grad_avg',), ('sqr_avg',)),
+    'l5_adam': (adam(), ('grad_avg',), ('sqr_avg',)),
+}
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_columns_match_independent_computation(dls, family):
+    opt_func, first, second = FAMILIES[family]
+    rec = RecordSteps(first, second)
+    learn = make_learn(dls, opt_func, cbs=[MomentumLogger(), rec])
+    has_first = family not in ('fastai_sgd_plain', 'fastai_rmsprop', 'torch_sgd_plain')
+    # fit_one_cycle would give torch's optimizers a momentum through its `mom` schedule
+    if family == 'torch_sgd_plain': learn.fit(1, 1e-2)
+    else: learn.fit_one_cycle(1, 1e-2)
+    df = learn.momentum_logger.df
+    assert list(df.columns) == ['step', 'epoch', 'layer'] + STATS
+    assert_matches(df, rec)
+    assert df.step.min() == 1 and df.step.max() == len(dls.train)
+    assert df.mom_norm.notna().all() == has_first and df.mom_norm.isna().all() == (not has_first)
+    assert df.sqr_avg_rms.notna().all() == bool(second)
+    if family in ('fastai_adam', 'torch_adam', 'l5_adam', 'torch_sgd'):
+        # fit_one_cycle moves β: the logged β is the scheduled one, 0.95 at the start, lower mid-way
+        assert df.beta.iloc[0] == pytest.approx(0.95) and df.beta.min() < 0.9
+
+
+def test_beta_is_the_one_the_ewma_used(dls):
+    "grad_avg_t = β_t·grad_avg_{t-1} + (1-β_t)·g_t, with β_t the logged beta: rebuild the EWMA from the gradients."
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, Adam, cbs=[MomentumLogger(), rec])
+    learn.fit_one_cycle(1, 1e-2)
+    df = learn.momentum_logger.df
+    m = [torch.zeros_like(g) for g in rec.steps[0]['g']]
+    for s in rec.steps:
+        beta = df[df.step == s['step']].beta.to_numpy()[0]
+        m = [beta * mk + (1 - beta) * g for mk, g in zip(m, s['g'])]
+        for mk, got in zip(m, s['m']): torch.testing.assert_close(mk, got, rtol=1e-5, atol=1e-7)
+        # and mom_norm of the first layer is the norm of that rebuilt EWMA
+        first = [k for k, l in enumerate(s['layers']) if l == s['layers'][0]]
+        want = torch.cat([m[k].reshape(-1) for k in first]).norm().item()
+        assert df[df.step == s['step']].mom_norm.iloc[0] == pytest.approx(want, rel=1e-4)
+
+
+def test_every(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, cbs=[MomentumLogger(every=3), rec])
+    learn.fit(1, 1e-2)
+    steps = [s for s in range(1, len(dls.train) + 1) if s % 3 == 0]
+    assert sorted(set(learn.momentum_logger.df.step)) == steps
+    assert_matches(learn.momentum_logger.df, rec, steps)
+    with pytest.raises(ValueError, match='every=0'): MomentumLogger(every=0)
+
+
+def test_history_survives_validate_get_preds_and_counts_across_fits(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec])
+    n = len(dls.train)
+    learn.fit(1, 1e-2)
+    assert 'mom_cos' in learn.recorder.metric_names and 'mom_flip' in learn.recorder.metric_names
+    before = learn.momentum_logger.df
+    learn.validate(); learn.get_preds()
+    pd.testing.assert_frame_equal(learn.momentum_logger.df, before)
+    assert len(learn.metrics) == 0  # the epoch columns were taken out again
+    learn.fit(1, 1e-3)
+    df = learn.momentum_logger.df
+    assert df.step.max() == 2 * n and sorted(set(df.step)) == list(range(1, 2 * n + 1))
+    assert_matches(df, rec)
+
+
+def test_epoch_columns_are_epoch_means(dls):
+    learn = make_learn(dls, cbs=[MomentumLogger()])
+    learn.fit(2, 1e-2)
+    df, names = learn.momentum_logger.df, learn.recorder.metric_names[1:-1]
+    for epoch, values in enumerate(learn.recorder.values):
+        row = dict(zip(names, values))
+        rows = df[df.epoch == epoch]
+        assert row['mom_cos'] == pytest.approx(rows.cos_mom_grad.mean(), rel=1e-5)
+        assert row['mom_flip'] == pytest.approx(rows.sign_flip.mean(), rel=1e-5)
+
+
+def test_gradient_accumulation_logs_real_steps_only(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec, GradientAccumulation(n_acc=512)])
+    learn.fit(1, 1e-2)
+    df = learn.momentum_logger.df
+    assert df.step.max() == rec.n == len(dls.train) // 2
+    assert_matches(df, rec)
+
+
+class SkipSomeSteps(Callback):
+    "Cancels every third step in before_step at MixedPrecision's order, as an overflow would."
+    order = 10
+    def __init__(self): self.i = 0
+    def before_step(self):
+        self.i += 1
+        if self.i % 3 == 0: raise CancelStepException()
+
+
+def test_skipped_steps_are_not_steps(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec, SkipSomeSteps()])
+    learn.fit(1, 1e-2)
+    n = len(dls.train)
+    assert learn.momentum_logger.n_step == rec.n == n - n // 3
+    assert_matches(learn.momentum_logger.df, rec)
+
+
+def test_freeze_unfreeze_clearing_state(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    splitter = lambda m: [params(m.embeds) + params(m.bn_cont), params(m.layers)]
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec], splitter=splitter)
+    learn.fit(1, 1e-2)
+    learn.freeze()  # clears the optimizer state: the EWMA restarts from zero
+    learn.fit(1, 1e-2)
+    n = len(dls.train)
+    restart = learn.momentum_logger.df.query(f'step == {n + 1} and layer == "layers.0.0"')
+    assert restart.cos_mom_grad.item() == pytest.approx(1.)  # m = (1-β)·g after a cleared state
+    learn.unfreeze()
+    learn.fit(1, 1e-2)
+    assert_matches(learn.momentum_logger.df, rec)
+
+
+class CancelAt(Callback):
+    def __init__(self, at): self.at, self.i = at, 0
+    def after_batch(self):
+        self.i += 1
+        if self.i == self.at: raise CancelFitException()
+
+
+def test_cancelled_fit_keeps_rows(dls):
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec])
+    learn.fit(2, 1e-2, cbs=CancelAt(5))
+    assert learn.momentum_logger.df.step.max() == 5
+    learn.fit(1, 1e-2)
+    assert learn.momentum_logger.df.step.max() == 5 + len(dls.train)
+    assert_matches(learn.momentum_logger.df, rec)
+
+
+class Poison(Callback):
+    "At batch `at`, after backward: a NaN in `layers.0.0`'s gradient and an inf in `layers.1.0`'s."
+    order = 5
+    def __init__(self, at): self.at, self.i = at, 0
+    def after_backward(self):
+        self.i += 1
+        if self.i != self.at: return
+        self.learn.model.layers[0][0].weight.grad[0, 0] = math.nan
+        self.learn.model.layers[1][0].weight.grad[1, 1] = math.inf
+
+
+def test_nan_and_inf_gradients_are_recorded(dls):
+    n = len(dls.train)
+    learn = make_learn(dls, partial(SGD, mom=0.9), cbs=[MomentumLogger(), Poison(n)])
+    learn.fit(1, 1e-3)
+    df = learn.momentum_logger.df.set_index(['step', 'layer'])
+    assert np.isnan(df.loc[(n, 'layers.0.0'), 'grad_norm']) and np.isnan(df.loc[(n, 'layers.0.0'), 'cos_mom_grad'])
+    assert np.isinf(df.loc[(n, 'layers.1.0'), 'grad_norm']) and np.isinf(df.loc[(n, 'layers.1.0'), 'mom_norm'])
+    # the other layers of that step are untouched: a NaN or inf stays in its own layer
+    others = df.loc[n].drop(index=['layers.0.0', 'layers.1.0'])
+    assert len(others) and np.isfinite(others[['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip']]).all().all()
+    assert np.isfinite(df.loc[n - 1, 'grad_norm']).all()
+
+
+def test_export_leaves_history_out(dls, tmp_path):
+    learn = make_learn(dls)
+    learn.export(tmp_path / 'plain.pkl')
+    logger = MomentumLogger()
+    learn = make_learn(dls, cbs=[logger])
+    learn.fit(3, 1e-2)
+    assert len(logger.df) > 200
+    learn.export(tmp_path / 'logged.pkl')
+    grown = (tmp_path / 'logged.pkl').stat().st_size - (tmp_path / 'plain.pkl').stat().st_size
+    assert grown < 10_000, grown
+    assert len(logger.df) > 200  # exporting does not wipe the live history
+    loaded = load_learner(tmp_path / 'logged.pkl')
+    assert len(loaded.momentum_logger.df) == 0 and loaded.momentum_logger.n_step == 3 * len(dls.train)
+
+
+def test_plot(dls):
+    learn = make_learn(dls, cbs=[MomentumLogger()])
+    with pytest.raises(ValueError, match='nothing logged'): learn.momentum_logger.plot()
+    learn.fit(1, 1e-2)
+    fig = learn.momentum_logger.plot()
+    assert isinstance(fig, Figure) and len([a for a in fig.axes if a.get_visible()]) == 6
+    assert len(fig.axes[0].lines) == learn.momentum_logger.df.layer.nunique()
+    fig = learn.momentum_logger.plot(stats=['cos_mom_grad'], layers=['layers.0.0'])
+    assert len(fig.axes[0].lines) == 1
+    with pytest.raises(ValueError, match='unknown stats'): learn.momentum_logger.plot(stats=['nope'])
+    with pytest.raises(ValueError, match='unknown layers'): learn.momentum_logger.plot(layers=['nope'])
+
+
+def test_memory_is_constant_per_row(dls):
+    "What the logger keeps is the table (floats per (step, layer)); the model-sized workspace is freed after the fit."
+    learn = make_learn(dls, cbs=[MomentumLogger()])
+    learn.fit(1, 1e-2)
+    logger = learn.momentum_logger
+    rows, n1 = len(logger.df), logger.table.nbytes()
+    learn.fit(1, 1e-2)
+    assert len(logger.df) == 2 * rows and logger.table.nbytes() <= 2 * n1 + 1024
+    assert logger._snap is None and not logger._pending
