@@ -177,26 +177,24 @@ def test_every(dls):
 def test_history_survives_validate_get_preds_and_counts_across_fits(dls):
     rec = RecordSteps(('grad_avg',), ('sqr_avg',))
     learn = make_learn(dls, cbs=[MomentumLogger(), rec])
-    n = len(dls.train)
+    logger, n = learn.momentum_logger, len(dls.train)
     learn.fit(1, 1e-2)
-    assert 'mom_cos' in learn.recorder.metric_names and 'mom_flip' in learn.recorder.metric_names
-    before = learn.momentum_logger.df
+    before, nbytes = logger.df, logger.table.nbytes()
     learn.validate(); learn.get_preds()
-    pd.testing.assert_frame_equal(learn.momentum_logger.df, before)
+    pd.testing.assert_frame_equal(logger.df, before)
     assert len(learn.metrics) == 0  # the epoch columns were taken out again
-    learn.fit(1, 1e-3)
-    df = learn.momentum_logger.df
-    assert df.step.max() == 2 * n and sorted(set(df.step)) == list(range(1, 2 * n + 1))
+    learn.fit(2, 1e-3)
+    df = logger.df
+    assert df.step.max() == 3 * n and sorted(set(df.step)) == list(range(1, 3 * n + 1))
     assert_matches(df, rec)
-
-
-def test_epoch_columns_are_epoch_means(dls):
-    learn = make_learn(dls, cbs=[MomentumLogger()])
-    learn.fit(2, 1e-2)
-    df, names = learn.momentum_logger.df, learn.recorder.metric_names[1:-1]
+    # what is kept is a constant number of floats per (step, layer); the model-sized workspace is freed
+    assert len(df) == 3 * len(before) and logger.table.nbytes() <= 3 * nbytes + 1024
+    assert logger._snap is None and not logger._pending
+    # the progress table's columns are the epoch means of the logged rows (epochs of the last fit)
+    names = learn.recorder.metric_names[1:-1]
+    assert 'mom_cos' in names and 'mom_flip' in names
     for epoch, values in enumerate(learn.recorder.values):
-        row = dict(zip(names, values))
-        rows = df[df.epoch == epoch]
+        row, rows = dict(zip(names, values)), df[(df.epoch == epoch) & (df.step > n)]
         assert row['mom_cos'] == pytest.approx(rows.cos_mom_grad.mean(), rel=1e-5)
         assert row['mom_flip'] == pytest.approx(rows.sign_flip.mean(), rel=1e-5)
 
@@ -289,14 +287,14 @@ def test_export_leaves_history_out(dls, tmp_path):
     learn.export(tmp_path / 'plain.pkl')
     logger = MomentumLogger()
     learn = make_learn(dls, cbs=[logger])
-    learn.fit(3, 1e-2)
-    assert len(logger.df) > 200
+    learn.fit(2, 1e-2)
+    assert len(logger.df) > 150
     learn.export(tmp_path / 'logged.pkl')
     grown = (tmp_path / 'logged.pkl').stat().st_size - (tmp_path / 'plain.pkl').stat().st_size
     assert grown < 10_000, grown
-    assert len(logger.df) > 200  # exporting does not wipe the live history
+    assert len(logger.df) > 150  # exporting does not wipe the live history
     loaded = load_learner(tmp_path / 'logged.pkl')
-    assert len(loaded.momentum_logger.df) == 0 and loaded.momentum_logger.n_step == 3 * len(dls.train)
+    assert len(loaded.momentum_logger.df) == 0 and loaded.momentum_logger.n_step == 2 * len(dls.train)
 
 
 def test_plot(dls):
@@ -310,14 +308,3 @@ def test_plot(dls):
     assert len(fig.axes[0].lines) == 1
     with pytest.raises(ValueError, match='unknown stats'): learn.momentum_logger.plot(stats=['nope'])
     with pytest.raises(ValueError, match='unknown layers'): learn.momentum_logger.plot(layers=['nope'])
-
-
-def test_memory_is_constant_per_row(dls):
-    "What the logger keeps is the table (floats per (step, layer)); the model-sized workspace is freed after the fit."
-    learn = make_learn(dls, cbs=[MomentumLogger()])
-    learn.fit(1, 1e-2)
-    logger = learn.momentum_logger
-    rows, n1 = len(logger.df), logger.table.nbytes()
-    learn.fit(1, 1e-2)
-    assert len(logger.df) == 2 * rows and logger.table.nbytes() <= 2 * n1 + 1024
-    assert logger._snap is None and not logger._pending
