@@ -9,6 +9,7 @@ import weakref
 
 import numpy as np
 from fastai.learner import Learner
+from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
@@ -131,7 +132,8 @@ class DropoutSchedule(StepCallback):
     each training phase (so validation sees it) and when the fit ends, even one that raised or was cancelled.
 
     `.df`: one row per (training batch, dropout layer): `step` (the optimizer step the batch feeds, counted as
-    `StepCallback` counts), `epoch`, `pct`, `layer`, `p`. The progress table gets `dropout_p`, the mean p applied
+    `StepCallback` counts), `epoch`, `pct`, `layer`, `p`; under distributed training every process sets p and
+    rank 0 alone keeps the log. The progress table gets `dropout_p`, the mean p applied
     over the epoch's training batches and the dropout layers."""
     run_valid, epoch_columns = False, {'dropout_p': 'epoch_mean_p'}
     _stateattrs = ('_table', '_applied', '_owner', '_checked')
@@ -178,6 +180,7 @@ class DropoutSchedule(StepCallback):
             self._checked = key
         self._names, self._mods = names, mods
         self._scheduled = [(m, s) for m, s in zip(mods, per_layer) if s is not None]
+        self._logs_here = rank_distrib() == 0  # every process sets p; only rank 0 keeps the log
         super().before_fit()
 
     # -- the hot path: one attribute write per scheduled layer
@@ -186,7 +189,8 @@ class DropoutSchedule(StepCallback):
         pct = float(self.learn.pct_train)
         for m, s in self._scheduled: m.p = float(s(pct)) if callable(s) else s
         ps = [m.p for m in self._mods]
-        self._table.append(step=self.n_step + 1, epoch=self.learn.epoch, pct=pct, layer=self._names, p=ps)
+        if self._logs_here:
+            self._table.append(step=self.n_step + 1, epoch=self.learn.epoch, pct=pct, layer=self._names, p=ps)
         self._p_sum += sum(ps); self._p_count += len(ps)
 
     def after_step(self): self.count_step()

@@ -241,3 +241,13 @@ def test_plot(dls):
     fig = learn.dropout_schedule.plot()
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 3
     assert len(learn.dropout_schedule.plot(layers=['emb_drop'], x='pct').axes[0].lines) == 1
+
+
+def test_other_ranks_set_p_but_keep_no_log(dls, monkeypatch):
+    import fastai_l5.dropout as dropout_module
+    monkeypatch.setattr(dropout_module, 'rank_distrib', lambda: 1)
+    rec = PRecorder()
+    learn = make_learn(dls, cbs=[DropoutSchedule(0.35), rec])
+    learn.fit(1, 1e-3)
+    assert all(set(r['ps'].values()) == {0.35} for r in rec.train_rows())
+    assert len(learn.dropout_schedule.df) == 0 and current_ps(learn) == ORIGINAL
