@@ -19,7 +19,7 @@ OPT_FUNCS = {'sgd_momentum': sgd_momentum(0.9), 'heavy_ball': sgd_momentum(0.9, 
 
 
 @pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
+def dls(): return example_dls('diamonds', n_rows=2000, bs=256)
 
 
 def make_learn(dls, opt_func, seed=0):
