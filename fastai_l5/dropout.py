@@ -86,6 +86,8 @@ def fastai_ps(p, n):
 
 
 # ---------------------------------------------------------------------------------------------- callback
+_set_attr = object.__setattr__
+
 
 def _grid(n_batches=None, fine=1001, most=100_000):
     "The pcts a schedule is checked at: a fine grid of [0, 1], plus every pct this fit's batches will see."
@@ -136,7 +138,7 @@ class DropoutSchedule(StepCallback):
     rank 0 alone keeps the log. The progress table gets `dropout_p`, the mean p applied
     over the epoch's training batches and the dropout layers."""
     run_valid, epoch_columns = False, {'dropout_p': 'epoch_mean_p'}
-    _stateattrs = ('_table', '_applied', '_owner', '_checked')
+    _stateattrs = ('_table', '_rows', '_epoch_p', '_applied', '_owner', '_checked')
 
     def __init__(self, scheds):
         _check_shape(scheds)
@@ -146,6 +148,7 @@ class DropoutSchedule(StepCallback):
     def _init_state(self):
         super()._init_state()
         self._table = LogTable(['step', 'epoch', 'pct', 'layer', 'p'])
+        self._rows, self._epoch_p = [], [0., 0]  # batches not yet in the log; the epoch's (sum of p, count)
         self._applied, self._owner, self._checked = None, None, None
 
     # -- resolving and checking, all before the first batch
@@ -183,23 +186,37 @@ class DropoutSchedule(StepCallback):
         self._logs_here = rank_distrib() == 0  # every process sets p; only rank 0 keeps the log
         super().before_fit()
 
-    # -- the hot path: one attribute write per scheduled layer
+    # -- the hot path: one attribute write per scheduled layer and one tuple kept per batch
     def before_batch(self):
         if self._applied is None: self._remember()
         pct = float(self.learn.pct_train)
-        for m, s in self._scheduled: m.p = float(s(pct)) if callable(s) else s
-        ps = [m.p for m in self._mods]
-        if self._logs_here:
-            self._table.append(step=self.n_step + 1, epoch=self.learn.epoch, pct=pct, layer=self._names, p=ps)
-        self._p_sum += sum(ps); self._p_count += len(ps)
+        # a plain float attribute: skip `nn.Module.__setattr__`'s parameter/buffer/module checks
+        for m, s in self._scheduled: _set_attr(m, 'p', float(s(pct)) if callable(s) else s)
+        self._rows.append((self.n_step + 1, self.learn.epoch, pct, [m.p for m in self._mods]))
 
     def after_step(self): self.count_step()
 
-    def before_epoch(self): self._p_sum, self._p_count = 0., 0
+    def _flush_rows(self):
+        "Move the batches kept since the last call to the log, as one block, and into the epoch's mean."
+        rows = self._rows
+        if not rows: return
+        n = len(self._names)
+        steps, epochs, pcts, ps = zip(*rows)
+        ps = np.asarray(ps, dtype=float).reshape(-1)
+        self._epoch_p[0] += ps.sum(); self._epoch_p[1] += ps.size
+        if self._logs_here:
+            self._table.append(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), pct=np.repeat(pcts, n),
+                               layer=np.array(self._names * len(rows), dtype=object), p=ps)
+        rows.clear()
+
+    def before_epoch(self):
+        self._flush_rows()
+        self._epoch_p[:] = [0., 0]
 
     def epoch_mean_p(self):
         "Mean p applied over this epoch's training batches and dropout layers."
-        return self._p_sum / self._p_count if self._p_count else float('nan')
+        self._flush_rows()
+        return self._epoch_p[0] / self._epoch_p[1] if self._epoch_p[1] else float('nan')
 
     # -- giving p back
     def _remember(self):
@@ -208,21 +225,24 @@ class DropoutSchedule(StepCallback):
 
     def restore(self):
         "Give every module this callback changed its original p back (done for you after every fit)."
-        for m, p in self._applied or []: m.p = p
+        for m, p in self._applied or []: _set_attr(m, 'p', p)
         self._applied, self._owner = None, None
         _UNRESTORED.discard(self)
 
-    def after_train(self): self.restore()  # validation, even inside a fit, sees the model's own p
+    def after_train(self):
+        self.restore()  # validation, even inside a fit, sees the model's own p
+        self._flush_rows()
 
     def after_fit(self):
         self.restore()
-        self._table.flush()
+        self._flush_rows(); self._table.flush()
         super().after_fit()
 
     # -- results
     @property
     def df(self):
         "One row per (training batch, dropout layer): `step`, `epoch`, `pct`, `layer`, `p`."
+        self._flush_rows()
         return self._table.df
 
     def plot(self, layers=None, x='step'):
