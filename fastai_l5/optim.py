@@ -299,11 +299,11 @@ def _first(st, keys):
     return next((st[k] for k in keys if isinstance(st.get(k), torch.Tensor)), None)
 
 
-def _norms(tensors):
-    "Float norms of `tensors` (None gives NaN), computed with one multi-tensor kernel and one host copy."
+def _norms(tensors, ord=2):
+    "Float `ord`-norms of `tensors` (None gives NaN), computed with one multi-tensor kernel and one host copy."
     idx = [i for i, t in enumerate(tensors) if t is not None]
     out = np.full(len(tensors), np.nan)
-    if idx: out[idx] = torch.stack(torch._foreach_norm([tensors[i].float() for i in idx])).cpu().numpy()
+    if idx: out[idx] = torch.stack(torch._foreach_norm([tensors[i].float() for i in idx], ord)).cpu().numpy()
     return out
 
 
@@ -331,6 +331,6 @@ def opt_state(learn_or_opt):
     df['mom'] = df['mom'].astype(float)
     df['grad_avg_norm'] = _norms(firsts)
     numel = df['numel'].to_numpy(dtype=float)
-    df['sqr_avg_rms'] = _norms(seconds) / np.sqrt(np.maximum(numel, 1))
+    df['sqr_avg_rms'] = np.sqrt(_norms(seconds, 1) / np.maximum(numel, 1))  # v ≥ 0, so ‖v‖₁ = Σv
     if len(df) and df['step'].notna().all(): df['step'] = df['step'].astype('int64')
     return df
