@@ -68,6 +68,15 @@ def bn_buffers(model):
     return {n: b.detach().clone() for n, b in model.state_dict().items() if 'running_' in n}
 
 
+def precise_every_run():
+    "BNDrift's per-epoch population-statistics pass inside DDP: its precise_df, or the error it raised."
+    learn = make_learner(opt_func=sgd_momentum(mom=0.9), cbs=[BNDrift(precise_every=1, precise_batches=3)])
+    try:
+        with learn.distrib_ctx(sync_bn=False): learn.fit(1, 1e-2)
+    except Exception as e: return dict(error=f'{type(e).__name__}: {e}')
+    return dict(error='', precise_df=learn.bn_drift.precise_df, buffers=bn_buffers(learn.model))
+
+
 def main(out):
     out, rank = Path(out), rank_distrib()
     probe = GradProbe()
@@ -82,7 +91,7 @@ def main(out):
         before_precise = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
         shard = DistributedDL(unshuffled_train(learn.dls))
         precise = precise_bn(learn, n_batches=PRECISE_BATCHES[rank], dl=shard, dropout=False)
-    res = dict(rank=rank, world=num_distrib(), n_shard_batches=len(shard),
+    res = dict(precise_every=precise_every_run(), rank=rank, world=num_distrib(), n_shard_batches=len(shard),
                momentum=learn.momentum_logger.df, dropout=learn.dropout_schedule.df, bn=learn.bn_drift.df,
                probe=probe.rows, before_precise=before_precise, after_precise=bn_buffers(learn.model),
                precise=precise, sync_bn_error=sync_bn_error, recorder=list(learn.recorder.values))
