@@ -12,7 +12,7 @@ each taken over a layer's parameters concatenated:
 
 An optimizer that keeps no first moment (SGD or RMSProp with `mom=0`) logs NaN in `mom_norm`,
 `cos_mom_grad` and `sign_flip`: there is no momentum to compare with. One without a second moment logs
-NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach."""
+NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach (`sign_flip` is NaN there)."""
 from __future__ import annotations
 
 import math
@@ -167,7 +167,8 @@ class MomentumLogger(StepCallback):
             m_sq, abs_dot, neg_dot, n_neg = _layer_sums(plan.idx_m, n_layers, per_param).unbind(0)
             mom_norm = m_sq.sqrt() * plan.nan_if_no_m
             cos = (abs_dot - 2 * neg_dot) / (grad_norm * mom_norm)  # Σ g·m = Σ|g·m| − 2 Σ|min(g·m, 0)|
-            sign_flip = n_neg / plan.numel_m
+            # a NaN or inf product would count as a flip: such layers get NaN (0·inf = NaN) instead
+            sign_flip = n_neg / plan.numel_m + abs_dot * 0
         else: mom_norm = cos = sign_flip = nan
         if vs:
             v_sum = _layer_sums(plan.idx_v, n_layers, torch.stack(torch._foreach_norm(vs, 1)).float()[None])[0]

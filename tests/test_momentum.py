@@ -275,6 +275,7 @@ def test_nan_and_inf_gradients_are_recorded(dls):
     learn.fit(1, 1e-3)
     df = learn.momentum_logger.df.set_index(['step', 'layer'])
     assert np.isnan(df.loc[(n, 'layers.0.0'), 'grad_norm']) and np.isnan(df.loc[(n, 'layers.0.0'), 'cos_mom_grad'])
+    assert np.isnan(df.loc[(n, 'layers.0.0'), 'sign_flip']) and np.isnan(df.loc[(n, 'layers.1.0'), 'sign_flip'])
     assert np.isinf(df.loc[(n, 'layers.1.0'), 'grad_norm']) and np.isinf(df.loc[(n, 'layers.1.0'), 'mom_norm'])
     # the other layers of that step are untouched: a NaN or inf stays in its own layer
     others = df.loc[n].drop(index=['layers.0.0', 'layers.1.0'])
