@@ -87,6 +87,7 @@ def fastai_ps(p, n):
 
 # ---------------------------------------------------------------------------------------------- callback
 _set_attr = object.__setattr__
+_COLUMNS = ['step', 'epoch', 'pct', 'layer', 'p']
 
 
 def _grid(n_batches=None, fine=1001, most=100_000):
@@ -136,18 +137,21 @@ class DropoutSchedule(StepCallback):
     `.df`: one row per (training batch, dropout layer): `step` (the optimizer step the batch feeds, counted as
     `StepCallback` counts), `epoch`, `pct`, `layer`, `p`; under distributed training every process sets p and
     rank 0 alone keeps the log. The progress table gets `dropout_p`, the mean p applied
-    over the epoch's training batches and the dropout layers."""
+    over the epoch's training batches and the dropout layers. With `path`, the log is also written to that CSV file
+    as training goes (once an epoch), and with `keep=False` too it is held there only (see `LogTable`)."""
     run_valid, epoch_columns = False, {'dropout_p': 'epoch_mean_p'}
     _stateattrs = ('_table', '_rows', '_epoch_p', '_applied', '_owner', '_checked')
 
-    def __init__(self, scheds):
+    def __init__(self, scheds, path=None, keep=True):
         _check_shape(scheds)
         self.scheds = scheds
         self._init_state()
+        self._table = LogTable(_COLUMNS, path=path, keep=keep)
 
     def _init_state(self):
+        "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
-        self._table = LogTable(['step', 'epoch', 'pct', 'layer', 'p'])
+        self._table = LogTable(_COLUMNS)
         self._rows, self._epoch_p = [], [0., 0]  # batches not yet in the log; the epoch's (sum of p, count)
         self._applied, self._owner, self._checked = None, None, None
 
@@ -229,13 +233,15 @@ class DropoutSchedule(StepCallback):
         self._applied, self._owner = None, None
         _UNRESTORED.discard(self)
 
+    def _log_all(self): self._flush_rows(); self._table.flush()
+
     def after_train(self):
         self.restore()  # validation, even inside a fit, sees the model's own p
-        self._flush_rows()
+        self._log_all()  # once an epoch: a streamed log on disk is never more than an epoch behind
 
     def after_fit(self):
         self.restore()
-        self._flush_rows(); self._table.flush()
+        self._log_all()
         super().after_fit()
 
     # -- results
@@ -262,7 +268,7 @@ def _fit_restoring_dropout(self, *args, **kwargs):
     try: return _fastai_fit(self, *args, **kwargs)
     except BaseException:
         for sched in list(_UNRESTORED):
-            if sched._owner is self: sched.restore()
+            if sched._owner is self: sched.restore(); sched._log_all()
         raise
 
 

@@ -251,3 +251,20 @@ def test_other_ranks_set_p_but_keep_no_log(dls, monkeypatch):
     learn.fit(1, 1e-3)
     assert all(set(r['ps'].values()) == {0.35} for r in rec.train_rows())
     assert len(learn.dropout_schedule.df) == 0 and current_ps(learn) == ORIGINAL
+
+
+def test_log_streams_to_csv_and_survives_a_crash(dls, tmp_path):
+    import pandas as pd
+    path = tmp_path / 'dropout.csv'
+    sched = DropoutSchedule({'layers.0.3': late_dropout(0.3)}, path=path, keep=False)
+    learn = make_learn(dls, cbs=sched)
+    learn.path = tmp_path
+    learn.fit(2, 1e-3)
+    on_disk = pd.read_csv(path)
+    assert len(on_disk) == 3 * 2 * len(dls.train) and sched._table.nbytes() == 0
+    assert on_disk.equals(sched.df) and set(on_disk.layer) == set(ORIGINAL)
+    with pytest.raises(RuntimeError): learn.fit(1, 1e-3, cbs=RaiseAt(RuntimeError('crash'), at=2))
+    assert len(pd.read_csv(path)) == 3 * (2 * len(dls.train) + 2)  # the crashed fit's batches are on disk
+    learn.export('model.pkl')
+    assert len(load_learner(tmp_path / 'model.pkl').dropout_schedule.df) == 0
+    assert len(pd.read_csv(path)) == 3 * (2 * len(dls.train) + 2)  # loading the export left the file alone
