@@ -230,7 +230,10 @@ def test_export_sees_original_p_and_leaves_log_out(dls, tmp_path):
     learn.export('model.pkl')
     loaded = load_learner(tmp_path / 'model.pkl')
     assert current_ps(loaded) == ORIGINAL
-    assert len(loaded.dropout_schedule.df) == 0  # the log is not pickled, and the callback still works
+    assert len(loaded.dropout_schedule.df) == 0  # the log is not pickled
+    new_rows = loaded.dls.test_dl(example_df('diamonds', n_rows=50)[0])
+    loaded.get_preds(dl=new_rows)  # get_preds fires before_fit/after_fit on the loaded callback: still fine
+    assert current_ps(loaded) == ORIGINAL and len(loaded.dropout_schedule.df) == 0
     assert len(learn.dropout_schedule.df) > 0
 
 
