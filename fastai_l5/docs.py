@@ -68,10 +68,13 @@ def docs_pages(nbs='nbs'):
     return pages
 
 
-def execute_notebook(path, timeout=600):
+def execute_notebook(path, timeout=600, threads=1):
     """Run every cell of the notebook at `path` in a fresh kernel, with the notebook's folder as the
     working directory; return the executed `NotebookNode`. A cell that raises raises `DocsError`
-    naming the notebook, with the cell's traceback."""
+    naming the notebook, with the cell's traceback. The kernel gets `threads` intra-op threads unless
+    `OMP_NUM_THREADS` is set: the lesson's small tabular batches gain nothing from more, and on a busy
+    machine extra threads that wait on each other slow a notebook down many times over."""
+    import os
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
@@ -79,7 +82,9 @@ def execute_notebook(path, timeout=600):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3',
                             resources={'metadata': {'path': str(path.parent)}})
-    try: client.execute()
+    env = {**os.environ}
+    env.setdefault('OMP_NUM_THREADS', str(threads))
+    try: client.execute(env=env)
     except (CellExecutionError, CellTimeoutError) as e:
         raise DocsError(f"{path.name}: a cell failed while building the docs\n{e}") from None
     return nb
@@ -160,7 +165,7 @@ body.l5-site { margin: 0; font-family: system-ui, -apple-system, 'Segoe UI', san
 .l5-top { position: sticky; top: 0; z-index: 10; display: flex; gap: 1em; align-items: baseline; padding: .7em 1.5em;
   background: #1f3a5f; color: #dfe7f1; font-size: .95em; }
 .l5-top a { color: #fff; font-weight: 700; font-size: 1.15em; text-decoration: none; }
-.l5-layout { display: grid; grid-template-columns: 15em minmax(0, 1fr) 13em; gap: 1.5em; max-width: 90em; margin: 0 auto; }
+.l5-layout { display: grid; grid-template-columns: 14em minmax(0, 1fr) 12em; gap: 1.5em; max-width: 100em; margin: 0 auto; }
 .l5-nav, .l5-toc { position: sticky; top: 3.2em; align-self: start; max-height: calc(100vh - 4em); overflow-y: auto;
   padding: 1em .5em; font-size: .9em; }
 .l5-nav h4, .l5-toc h4 { margin: 1em 0 .3em; color: #57606a; text-transform: uppercase; font-size: .75em; letter-spacing: .05em; }
@@ -172,6 +177,8 @@ body.l5-site { margin: 0; font-family: system-ui, -apple-system, 'Segoe UI', san
 .l5-toc li.l5-api a { font-family: var(--jp-code-font-family); font-size: .9em; }
 .l5-main { min-width: 0; padding: 1em 0 3em; overflow: visible; }
 .l5-main .jp-Cell { padding: 4px 0; }
+.l5-main .jp-InputArea, .l5-main .jp-InputArea-editor { overflow-x: auto; }
+.l5-main .jp-InputArea-editor pre { overflow: visible; }
 .l5-main .jp-RenderedMarkdown { font-size: 15px; line-height: 1.6; }
 .l5-main .jp-RenderedHTMLCommon h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
 .l5-main .jp-MarkdownOutput h3 { font-family: var(--jp-code-font-family); }
