@@ -253,7 +253,7 @@ class BNDrift(StepCallback):
     statistics over `precise_batches` training batches at the current weights (`precise_bn`'s pass) and
     the validation loss with them, then puts every buffer back, so training goes on exactly as without
     it (`.precise_df`, and a `valid_loss_precise` column in the progress table)."""
-    _stateattrs = ('_log', '_precise_log', '_bns')
+    _stateattrs = ('_log', '_precise_log', '_bns', '_staged', '_staged_at')
     drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
 
     def __init__(self, every=1, precise_every=None, precise_batches=50):
@@ -268,12 +268,14 @@ class BNDrift(StepCallback):
     def _init_state(self):
         super()._init_state()
         self._log = LogTable(['step', 'epoch', 'layer', *self.drift_stats])
+        self._staged, self._staged_at, self._names = [], [], []
         self._precise_log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise'])
         self._bns = L()
 
     @property
     def df(self):
         "One row per (logged training batch, BN layer): `step`, `epoch`, `layer`, `mean_shift`, `var_shift`, `mean_drift`."
+        self._unstage()
         return self._log.df
 
     @property
@@ -283,6 +285,7 @@ class BNDrift(StepCallback):
 
     def reset(self):
         "Forget every logged row."
+        self._staged, self._staged_at = [], []
         self._log.clear(); self._precise_log.clear()
 
     # --- setup -------------------------------------------------------------------------------
@@ -291,32 +294,36 @@ class BNDrift(StepCallback):
         self._bns = _require_bn(self.learn.model, 'BNDrift')
         self._names, mods = list(self._bns.itemgot(0)), list(self._bns.itemgot(1))
         dev = mods[0].running_mean.device
-        sizes = torch.tensor([bn.num_features for bn in mods], device=dev)
-        self._seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), sizes)
+        sizes = [bn.num_features for bn in mods]
+        self._n_ch = sum(sizes)
+        self._seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), torch.tensor(sizes, device=dev))
+        self._inv_sizes = 1 / torch.tensor(sizes, device=dev, dtype=torch.float)
         self._eps = torch.tensor([bn.eps for bn in mods], device=dev)[self._seg]
-        mean0, var0 = self._stats()
-        self._mean0, self._rstd0 = mean0.clone(), (var0 + self._eps).rsqrt()
+        start = torch.cat(self._buffers())
+        self._mean0, self._rstd0 = start[:self._n_ch].clone(), (start[self._n_ch:] + self._eps).rsqrt()
+        self._prev = torch.empty_like(start)
         self._mom_key, self._pending, self._last_loss_precise = None, False, float('nan')
         self._measured = False
         self._logs_here = rank_distrib() == 0
 
-    def _stats(self):
+    def _buffers(self):
+        "Every layer's running mean, then every layer's running variance (looked up each time: `.to()` replaces buffers)."
         mods = self._bns.itemgot(1)
-        return torch.cat([bn.running_mean for bn in mods]), torch.cat([bn.running_var for bn in mods])
+        return [bn.running_mean for bn in mods] + [bn.running_var for bn in mods]
 
-    def _momentum(self):
-        "Per-channel m of the running-stat update that just ran (cached while the momenta stay the same)."
+    def _inv_momentum(self):
+        "1/m per channel, twice (means then variances), of the running-stat update that just ran; cached while momenta stay."
         mods = self._bns.itemgot(1)
         key = tuple(bn.momentum for bn in mods)
         if key != self._mom_key:
-            self._mom_key = key
-            self._mom_const = torch.tensor([0. if m is None else m for m in key], device=self._seg.device)
-            self._cma = torch.tensor([m is None for m in key], device=self._seg.device) if None in key else None
-        m = self._mom_const
-        if self._cma is not None:  # cumulative average: m = 1/num_batches_tracked (already counted this batch)
-            nbt = torch.stack([bn.num_batches_tracked for bn in mods]).to(m)
-            m = torch.where(self._cma, 1 / nbt, m)
-        return m[self._seg]
+            self._mom_key, dev = key, self._seg.device
+            inv = torch.tensor([0. if m is None else (float('inf') if m == 0 else 1 / m) for m in key], device=dev)
+            self._inv_const = inv[self._seg].repeat(2)
+            self._cma = torch.tensor([m is None for m in key], device=dev)[self._seg].repeat(2) if None in key else None
+        if self._cma is None: return self._inv_const
+        # cumulative average: m = 1/num_batches_tracked, already counted for this batch
+        nbt = torch.stack([bn.num_batches_tracked for bn in mods]).to(self._inv_const)[self._seg].repeat(2)
+        return torch.where(self._cma, nbt, self._inv_const)
 
     # --- every logged training batch ---------------------------------------------------------
     def before_batch(self):
@@ -325,7 +332,7 @@ class BNDrift(StepCallback):
         self._pending = self._logs_here and self.n_train_batch % self.every == 0
         if not self._pending: return
         self._fwd, self._ran = False, False
-        self._mean_r, self._var_r = (t.clone() for t in self._stats())
+        torch.cat(self._buffers(), out=self._prev)
         self._live = tuple(bn.training for bn in self._bns.itemgot(1))
 
     def after_pred(self):
@@ -337,19 +344,30 @@ class BNDrift(StepCallback):
     def after_batch(self):
         if not (self.training and self._pending and self._fwd): return
         self._pending = False
-        mean_a, var_a = self._stats()
-        m = self._momentum()
-        mean_r, var_r = self._mean_r, self._var_r
-        mean_b, var_b = mean_r + (mean_a - mean_r) / m, var_r + (var_a - var_r) / m
-        per_channel = torch.stack([(mean_b - mean_r).abs() * (var_r + self._eps).rsqrt(),
-                                   torch.log(var_b / var_r).abs(),
-                                   (mean_r - self._mean0).abs() * self._rstd0])
-        per_layer = _layer_means(per_channel.float(), self._seg, len(self._names))
+        C, prev = self._n_ch, self._prev
+        step_over_m = (torch.cat(self._buffers()) - prev).mul_(self._inv_momentum())   # (μ_B − μ_R, σ²_B − σ²_R)
+        mean_r, var_r = prev[:C], prev[C:]
+        stats = prev.new_empty(3, C)
+        torch.mul(step_over_m[:C].abs(), (var_r + self._eps).rsqrt_(), out=stats[0])
+        torch.log1p(step_over_m[C:] / var_r, out=stats[1]).abs_()                      # log(σ²_B / σ²_R)
+        torch.mul((mean_r - self._mean0).abs_(), self._rstd0, out=stats[2])
+        # channel means per layer by a segment sum (a matmul would spread one layer's NaN/inf to all)
+        per_layer = stats.new_zeros(3, len(self._names)).index_add_(1, self._seg, stats).float().mul_(self._inv_sizes)
         if not all(self._live):
             per_layer[:2, torch.tensor([not l for l in self._live], device=per_layer.device)] = float('nan')
         step = self.n_step if self._ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
-        self._log.append(step=step, epoch=self.epoch, layer=self._names,
-                         mean_shift=per_layer[0], var_shift=per_layer[1], mean_drift=per_layer[2])
+        self._staged.append(per_layer); self._staged_at.append((step, self.epoch))
+        if len(self._staged) >= 64: self._unstage()
+
+    def _unstage(self):
+        "Move the staged rows to the host in one copy, as one block of the log."
+        if not self._staged: return
+        block = torch.stack(self._staged).cpu().numpy()           # k × 3 × n_layers
+        at, names = np.array(self._staged_at), self._names
+        self._staged, self._staged_at = [], []
+        n = len(names)
+        self._log.append(step=np.repeat(at[:, 0], n), epoch=np.repeat(at[:, 1], n), layer=np.tile(np.array(names, dtype=object), len(at)),
+                         mean_shift=block[:, 0].ravel(), var_shift=block[:, 1].ravel(), mean_drift=block[:, 2].ravel())
 
     # --- population statistics at epoch end ---------------------------------------------------
     def after_train(self):
@@ -407,7 +425,7 @@ class BNDrift(StepCallback):
 
     def after_fit(self):
         super().after_fit()
-        self._log.flush(); self._precise_log.flush()
+        self._unstage(); self._log.flush(); self._precise_log.flush()
         self._bns, self._pending = L(), False
 
     # --- plots -------------------------------------------------------------------------------
