@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from functools import partial
+from warnings import warn
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,8 @@ class ForeachOptimizer(Optimizer):
             hkey = tuple(hyper.items())
             for p in pg:
                 if p.grad is None: continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
                 st = self.state[p]
                 st['step'] = step = st.get('step', 0) + 1
                 b = buckets.get(key := (hkey, st.get('do_wd', True), step))
@@ -112,8 +115,6 @@ class ForeachOptimizer(Optimizer):
     def step(self, closure=None):
         if closure is not None: raise NotImplementedError("fastai optimizers do not support a closure")
         for (hkey, do_wd, step), (ps, grads, states) in self._buckets().items():
-            if any(g.is_sparse for g in grads):
-                raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
             hyper = dict(hkey)
             for k in self.state_keys:  # buffers start at zero, as fastai's do
                 for p, st in zip(ps, states):
@@ -140,7 +141,6 @@ class ForeachOptimizer(Optimizer):
         before anything is changed."""
         try: hypers, states = self._check_state_dict(sd)
         except ValueError as e:
-            from warnings import warn
             warn(str(e))
             raise
         params = self.all_params().itemgot(0)

@@ -1,5 +1,4 @@
 "Tests for fastai_l5.optim: exactness against torch.optim and closed forms, fastai integration, state tables, errors."
-import copy
 import math
 import warnings
 from functools import partial
@@ -208,6 +207,12 @@ def test_plain_params_and_skipped_grads():
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
+
+def test_sparse_gradients_are_refused():
+    emb = nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match='sparse=False'): adam()(list(emb.parameters()), lr=1e-3).step()
+
 
 @pytest.mark.parametrize('make,name,value', [
     (lambda: sgd_momentum(1.0), 'mom', '1.0'), (lambda: sgd_momentum(-0.1), 'mom', '-0.1'),
