@@ -241,19 +241,76 @@ patch_to(Learner, nm='precise_bn')(precise_bn)
 # ---------------------------------------------------------------------------------------------
 # BNDrift
 
+class _DriftPlan:
+    """The BN layers of one fit and what `BNDrift` needs per logged batch, kept off the `Callback` (whose
+    attribute writes consult the learner) so the hot path is a handful of tensor ops."""
+    def __init__(self, bns):
+        self.names, self.mods = list(bns.itemgot(0)), list(bns.itemgot(1))
+        dev = self.mods[0].running_mean.device
+        sizes = [bn.num_features for bn in self.mods]
+        self.n_ch, self.n_layers = sum(sizes), len(sizes)
+        self.seg = torch.repeat_interleave(torch.arange(self.n_layers, device=dev), torch.tensor(sizes, device=dev))
+        self.inv_sizes = 1 / torch.tensor(sizes, device=dev, dtype=torch.float)
+        self.eps = torch.tensor([bn.eps for bn in self.mods], device=dev)[self.seg]
+        self.refresh()
+        start = torch.cat(self.bufs)
+        self.mean0, self.rstd0 = start[:self.n_ch].clone(), (start[self.n_ch:] + self.eps).rsqrt()
+        self.prev, self.mom_key = torch.empty_like(start), None
+        self.pending = self.fwd = self.ran = False
+        self.staged, self.staged_at = [], []
+
+    def refresh(self):
+        "Every layer's running mean, then every layer's running variance (looked up again each epoch: `.to()` replaces buffers)."
+        self.bufs = [bn.running_mean for bn in self.mods] + [bn.running_var for bn in self.mods]
+
+    def snapshot(self):
+        torch.cat(self.bufs, out=self.prev)
+        self.live = [bn.training for bn in self.mods]
+
+    def inv_momentum(self):
+        "1/m per channel, twice (means then variances), of the running-stat update that just ran; cached while momenta stay."
+        key = tuple(bn.momentum for bn in self.mods)
+        if key != self.mom_key:
+            self.mom_key, dev = key, self.seg.device
+            inv = torch.tensor([0. if m is None else (math.inf if m == 0 else 1 / m) for m in key], device=dev)
+            self.inv_const = inv[self.seg].repeat(2)
+            self.cma = torch.tensor([m is None for m in key], device=dev)[self.seg].repeat(2) if None in key else None
+        if self.cma is None: return self.inv_const
+        # cumulative average: m = 1/num_batches_tracked, already counted for this batch
+        nbt = torch.stack([bn.num_batches_tracked for bn in self.mods]).to(self.inv_const)[self.seg].repeat(2)
+        return torch.where(self.cma, nbt, self.inv_const)
+
+    def per_layer(self):
+        "3 × n_layers: mean_shift, var_shift, mean_drift, each averaged over the layer's channels."
+        C, prev = self.n_ch, self.prev
+        step_over_m = (torch.cat(self.bufs) - prev).mul_(self.inv_momentum())   # (μ_B − μ_R, σ²_B − σ²_R)
+        mean_r, var_r = prev[:C], prev[C:]
+        stats = prev.new_empty(3, C)
+        torch.mul(step_over_m[:C].abs(), (var_r + self.eps).rsqrt_(), out=stats[0])
+        torch.log1p(step_over_m[C:] / var_r, out=stats[1]).abs_()                      # |log(σ²_B / σ²_R)|
+        torch.mul((mean_r - self.mean0).abs_(), self.rstd0, out=stats[2])
+        # a segment sum, not a matmul: one layer's NaN or inf must not reach the others
+        out = stats.new_zeros(3, self.n_layers).index_add_(1, self.seg, stats).float().mul_(self.inv_sizes)
+        if not all(self.live):  # a BN layer in eval mode did not update: no batch statistics to show
+            out[:2, torch.tensor([not l for l in self.live], device=out.device)] = math.nan
+        return out
+
+
 class BNDrift(StepCallback):
     """Log, for every BN layer, how far each `every`-th training batch's statistics sit from the running
     statistics, and how far those have moved since the fit began (`.df`). The batch statistics are read
     back exactly from the running-stat update, run = (1 − m)·run + m·batch, so nothing hooks the forward:
     μ_B = μ_R + (μ_R,after − μ_R)/m (same for the unbiased σ²_B). A layer with `momentum=None` keeps a
     cumulative average, m = 1/num_batches_tracked; one with momentum 0, or in eval mode during training
-    (frozen BN), shows no batch statistics: its shift columns are NaN.
+    (frozen BN), shows no batch statistics: its shift columns are NaN. A channel whose batch variance is 0
+    (a dead unit) gives an infinite `var_shift` for its layer, as the formula says.
 
     With `precise_every=k`, at the end of every k-th epoch's training phase it measures the population
     statistics over `precise_batches` training batches at the current weights (`precise_bn`'s pass) and
-    the validation loss with them, then puts every buffer back, so training goes on exactly as without
-    it (`.precise_df`, and a `valid_loss_precise` column in the progress table)."""
-    _stateattrs = ('_log', '_precise_log', '_bns', '_staged', '_staged_at')
+    the validation loss with them, then puts every buffer and random state back, so training goes on
+    exactly as without it (`.precise_df`, and a `valid_loss_precise` column in the progress table).
+    Under `torch.distributed` every rank measures (the statistics are pooled over ranks); rank 0 logs."""
+    _stateattrs = ('_log', '_precise_log', '_plan')
     drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
 
     def __init__(self, every=1, precise_every=None, precise_batches=50):
@@ -268,9 +325,8 @@ class BNDrift(StepCallback):
     def _init_state(self):
         super()._init_state()
         self._log = LogTable(['step', 'epoch', 'layer', *self.drift_stats])
-        self._staged, self._staged_at, self._names = [], [], []
         self._precise_log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise'])
-        self._bns = L()
+        self._plan = None
 
     @property
     def df(self):
@@ -285,88 +341,51 @@ class BNDrift(StepCallback):
 
     def reset(self):
         "Forget every logged row."
-        self._staged, self._staged_at = [], []
+        if self._plan is not None: self._plan.staged, self._plan.staged_at = [], []
         self._log.clear(); self._precise_log.clear()
 
     # --- setup -------------------------------------------------------------------------------
     def before_fit(self):
         super().before_fit()
-        self._bns = _require_bn(self.learn.model, 'BNDrift')
-        self._names, mods = list(self._bns.itemgot(0)), list(self._bns.itemgot(1))
-        dev = mods[0].running_mean.device
-        sizes = [bn.num_features for bn in mods]
-        self._n_ch = sum(sizes)
-        self._seg = torch.repeat_interleave(torch.arange(len(mods), device=dev), torch.tensor(sizes, device=dev))
-        self._inv_sizes = 1 / torch.tensor(sizes, device=dev, dtype=torch.float)
-        self._eps = torch.tensor([bn.eps for bn in mods], device=dev)[self._seg]
-        start = torch.cat(self._buffers())
-        self._mean0, self._rstd0 = start[:self._n_ch].clone(), (start[self._n_ch:] + self._eps).rsqrt()
-        self._prev = torch.empty_like(start)
-        self._mom_key, self._pending, self._last_loss_precise = None, False, float('nan')
-        self._measured = False
-        self._logs_here = rank_distrib() == 0
-
-    def _buffers(self):
-        "Every layer's running mean, then every layer's running variance (looked up each time: `.to()` replaces buffers)."
-        mods = self._bns.itemgot(1)
-        return [bn.running_mean for bn in mods] + [bn.running_var for bn in mods]
-
-    def _inv_momentum(self):
-        "1/m per channel, twice (means then variances), of the running-stat update that just ran; cached while momenta stay."
-        mods = self._bns.itemgot(1)
-        key = tuple(bn.momentum for bn in mods)
-        if key != self._mom_key:
-            self._mom_key, dev = key, self._seg.device
-            inv = torch.tensor([0. if m is None else (float('inf') if m == 0 else 1 / m) for m in key], device=dev)
-            self._inv_const = inv[self._seg].repeat(2)
-            self._cma = torch.tensor([m is None for m in key], device=dev)[self._seg].repeat(2) if None in key else None
-        if self._cma is None: return self._inv_const
-        # cumulative average: m = 1/num_batches_tracked, already counted for this batch
-        nbt = torch.stack([bn.num_batches_tracked for bn in mods]).to(self._inv_const)[self._seg].repeat(2)
-        return torch.where(self._cma, nbt, self._inv_const)
+        self._unstage()
+        self._plan = _DriftPlan(_require_bn(self.learn.model, 'BNDrift'))
+        self._logs_here, self._measured, self._last_loss_precise = rank_distrib() == 0, False, math.nan
 
     # --- every logged training batch ---------------------------------------------------------
+    def before_train(self): self._plan.refresh()
+
     def before_batch(self):
-        if not self.training: return
+        learn, plan = self.learn, self._plan
+        if not learn.training: return
         self.n_train_batch += 1
-        self._pending = self._logs_here and self.n_train_batch % self.every == 0
-        if not self._pending: return
-        self._fwd, self._ran = False, False
-        torch.cat(self._buffers(), out=self._prev)
-        self._live = tuple(bn.training for bn in self._bns.itemgot(1))
+        plan.pending = self._logs_here and self.n_train_batch % self.every == 0
+        if not plan.pending: return
+        plan.fwd = plan.ran = False
+        plan.snapshot()
 
     def after_pred(self):
-        if self._pending: self._fwd = True
+        if self._plan.pending: self._plan.fwd = True
 
     def after_step(self):
-        self._ran = self.count_step()
+        self._plan.ran = self.count_step()
 
     def after_batch(self):
-        if not (self.training and self._pending and self._fwd): return
-        self._pending = False
-        C, prev = self._n_ch, self._prev
-        step_over_m = (torch.cat(self._buffers()) - prev).mul_(self._inv_momentum())   # (μ_B − μ_R, σ²_B − σ²_R)
-        mean_r, var_r = prev[:C], prev[C:]
-        stats = prev.new_empty(3, C)
-        torch.mul(step_over_m[:C].abs(), (var_r + self._eps).rsqrt_(), out=stats[0])
-        torch.log1p(step_over_m[C:] / var_r, out=stats[1]).abs_()                      # log(σ²_B / σ²_R)
-        torch.mul((mean_r - self._mean0).abs_(), self._rstd0, out=stats[2])
-        # channel means per layer by a segment sum (a matmul would spread one layer's NaN/inf to all)
-        per_layer = stats.new_zeros(3, len(self._names)).index_add_(1, self._seg, stats).float().mul_(self._inv_sizes)
-        if not all(self._live):
-            per_layer[:2, torch.tensor([not l for l in self._live], device=per_layer.device)] = float('nan')
-        step = self.n_step if self._ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
-        self._staged.append(per_layer); self._staged_at.append((step, self.epoch))
-        if len(self._staged) >= 64: self._unstage()
+        plan = self._plan
+        if not (plan.pending and plan.fwd and self.learn.training): return
+        plan.pending = False
+        step = self.n_step if plan.ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
+        plan.staged.append(plan.per_layer()); plan.staged_at.append((step, self.learn.epoch))
+        if len(plan.staged) >= 64: self._unstage()
 
     def _unstage(self):
         "Move the staged rows to the host in one copy, as one block of the log."
-        if not self._staged: return
-        block = torch.stack(self._staged).cpu().numpy()           # k × 3 × n_layers
-        at, names = np.array(self._staged_at), self._names
-        self._staged, self._staged_at = [], []
-        n = len(names)
-        self._log.append(step=np.repeat(at[:, 0], n), epoch=np.repeat(at[:, 1], n), layer=np.tile(np.array(names, dtype=object), len(at)),
+        plan = self._plan
+        if plan is None or not plan.staged: return
+        block = torch.stack(plan.staged).cpu().numpy()           # k × 3 × n_layers
+        at, n = np.array(plan.staged_at), plan.n_layers
+        plan.staged, plan.staged_at = [], []
+        self._log.append(step=np.repeat(at[:, 0], n), epoch=np.repeat(at[:, 1], n),
+                         layer=np.tile(np.array(plan.names, dtype=object), len(at)),
                          mean_shift=block[:, 0].ravel(), var_shift=block[:, 1].ravel(), mean_drift=block[:, 2].ravel())
 
     # --- population statistics at epoch end ---------------------------------------------------
@@ -374,7 +393,7 @@ class BNDrift(StepCallback):
         self._measured = bool(self.precise_every) and (self.epoch + 1) % self.precise_every == 0
         self._valid_sum, self._valid_n = 0., 0
         if not self._measured: return
-        mods = list(self._bns.itemgot(1))
+        mods = self._plan.mods
         model, train_dl = _unwrap(self.learn.model), self.learn.dls.train
         with torch.no_grad():
             saved = [(t, t.clone()) for bn in mods for t in (bn.running_mean, bn.running_var)]
@@ -420,13 +439,13 @@ class BNDrift(StepCallback):
     def after_epoch(self):
         if not self._measured or not self._logs_here: return
         valid_loss = float(self._valid_sum / self._valid_n) if self._valid_n else float('nan')
-        self._precise_log.append(epoch=self.epoch, layer=self._names, mean_gap=self._gap[0], var_gap=self._gap[1],
+        self._precise_log.append(epoch=self.epoch, layer=self._plan.names, mean_gap=self._gap[0], var_gap=self._gap[1],
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 
     def after_fit(self):
         super().after_fit()
         self._unstage(); self._log.flush(); self._precise_log.flush()
-        self._bns, self._pending = L(), False
+        self._plan = None   # holds the model's modules: not kept between fits
 
     # --- plots -------------------------------------------------------------------------------
     def plot(self, stats=drift_stats, layers=None):
