@@ -1,6 +1,7 @@
 """The docs site: `build_docs` renders every notebook of nbs/, and every page opens cleanly in headless
 Chromium (Debian's `chromium` + `chromium-driver`): it loads, has the nav, shows every image, logs
 no console error, loads nothing from the network, and every link and anchor resolves."""
+import os
 import shutil
 import tempfile
 from html.parser import HTMLParser
@@ -24,8 +25,9 @@ CHROMIUM_FLAGS = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-
 @pytest.fixture(scope='module')
 def browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail("headless Chromium is needed to check the docs: "
-                    "apt-get update && apt-get install -y chromium chromium-driver")
+        why = "headless Chromium checks the docs: apt-get update && apt-get install -y chromium chromium-driver"
+        if os.environ.get('CI'): pytest.fail(why)     # CI installs it, so there its absence is a failure
+        pytest.skip(why)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     profile = tempfile.mkdtemp(prefix='l5-chromium-')
