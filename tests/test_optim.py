@@ -22,6 +22,15 @@ from fastai_l5.optim import *
 N_STEPS = 200
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "These models are tiny: one intra-op thread is faster, and immune to a busy machine's thread contention."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A small regression problem with three param groups (discriminative lrs through `slice`)
 
