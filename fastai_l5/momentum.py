@@ -67,11 +67,9 @@ class _Plan:
         self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_m, numel[self.m_idx])
         self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_v, numel[self.v_idx])
         self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
-
-
-def _layer_sums(idx, n_layers, per_param):
-    "Sum the rows of `per_param` (k, n_params) into (k, n_layers); `index_add` keeps a NaN in its own layer."
-    return per_param.new_zeros(per_param.shape[0], n_layers).index_add_(1, idx, per_param)
+        # where each per-parameter value of `_stats` goes in the flattened (7, n_layers) table of sums
+        self.flat_idx = torch.cat([self.idx, self.idx + n_layers, self.idx + 2 * n_layers, self.idx_m + 3 * n_layers,
+                                   self.idx_m + 4 * n_layers, self.idx_m + 5 * n_layers, self.idx_v + 6 * n_layers])
 
 
 class MomentumLogger(StepCallback):
@@ -104,6 +102,7 @@ class MomentumLogger(StepCallback):
     # ---- events
     def before_epoch(self): self._epoch_stats = []
 
+    @torch.no_grad()
     def before_step(self):
         "Snapshot p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
         self._snapped = False
@@ -111,10 +110,11 @@ class MomentumLogger(StepCallback):
         ps = [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
         key = tuple(map(id, ps))
-        if key != self._snap_key: self._snap, self._snap_key = [torch.empty_like(p) for p in ps], key
+        if key != self._snap_key: self._snap, self._snap_key = [torch.empty_like(p, requires_grad=False) for p in ps], key
         torch._foreach_copy_(self._snap, ps)
         self._ps, self._snapped = ps, True
 
+    @torch.no_grad()
     def after_step(self):
         ran, snapped, self._snapped = self.count_step(), self._snapped, False
         if not (ran and snapped): return
@@ -146,36 +146,29 @@ class MomentumLogger(StepCallback):
 
     # ---- the math
     def _stats(self, plan, ps, gs, ms, vs):
-        "(len(_STATS), n_layers) tensor on the parameters' device, with no host sync."
-        snap, n_layers = self._snap, len(plan.layers)
+        """(len(_STATS), n_layers) tensor on the parameters' device, with no host sync. Per parameter tensor:
+        ‖g‖², ‖Δp‖², ‖p‖², ‖m‖², Σ g·m, −#{g·m < 0}, Σ v; then one `index_add` sums them per layer."""
+        snap, n = self._snap, len(plan.layers)
         torch._foreach_sub_(snap, ps)  # snap = p_before - p_after = -Δp
-        per_param = torch.stack(torch._foreach_norm(gs) + torch._foreach_norm(snap) + torch._foreach_norm(ps))
-        sq = _layer_sums(plan.idx, n_layers, per_param.float().view(3, -1).square())
-        grad_norm, update_norm, param_norm = sq.sqrt().unbind(0)
-        nan = torch.full_like(grad_norm, math.nan)
+        parts = [torch.stack(torch._foreach_norm(gs + snap + ps + ms)).float().square()]
         if ms:
             # the workspace now holds g·m, entry by entry, for the parameters that have a moment
             w = [snap[i] for i in plan.m_idx]
             torch._foreach_copy_(w, [gs[i] for i in plan.m_idx])
             torch._foreach_mul_(w, ms)
-            m_norm = torch._foreach_norm(ms)
-            abs_dot = torch._foreach_norm(w, 1)
+            parts.append(torch.stack([t.sum() for t in w]).float())  # a loop of sums beats foreach_norm(ord=1) on CPU
             torch._foreach_clamp_max_(w, 0.)
-            neg_dot, n_neg = torch._foreach_norm(w, 1), torch._foreach_norm(w, 0)
-            per_param = torch.stack(m_norm + abs_dot + neg_dot + n_neg).float().view(4, -1)
-            per_param[0].square_()
-            m_sq, abs_dot, neg_dot, n_neg = _layer_sums(plan.idx_m, n_layers, per_param).unbind(0)
-            mom_norm = m_sq.sqrt() * plan.nan_if_no_m
-            cos = (abs_dot - 2 * neg_dot) / (grad_norm * mom_norm)  # Σ g·m = Σ|g·m| − 2 Σ|min(g·m, 0)|
-            # a NaN or inf product would count as a flip: such layers get NaN (0·inf = NaN) instead
-            sign_flip = n_neg / plan.numel_m + abs_dot * 0
-        else: mom_norm = cos = sign_flip = nan
-        if vs:
-            v_sum = _layer_sums(plan.idx_v, n_layers, torch.stack(torch._foreach_norm(vs, 1)).float()[None])[0]
-            sqr_rms = (v_sum / plan.numel_v).sqrt()
-        else: sqr_rms = nan
-        return torch.stack([grad_norm, mom_norm, cos, sign_flip, update_norm, param_norm,
-                            update_norm / param_norm, sqr_rms])
+            torch._foreach_sign_(w)  # -1 where g·m < 0, else 0 (NaN stays NaN)
+            parts.append(torch.stack([t.sum() for t in w]).float())
+        if vs: parts.append(torch.stack([t.sum() for t in vs]).float())
+        sums = torch.zeros(7 * n, device=plan.idx.device).index_add_(0, plan.flat_idx, torch.cat(parts)).view(7, n)
+        grad_norm, update_norm, param_norm, mom_norm = sums[:4].sqrt().unbind(0)
+        dot, minus_neg, v_sum = sums[4:].unbind(0)
+        mom_norm = mom_norm * plan.nan_if_no_m
+        # a NaN or inf product would not count as a flip: such layers get NaN (0·inf = NaN) instead
+        sign_flip = minus_neg / -plan.numel_m + dot * 0
+        return torch.stack([grad_norm, mom_norm, dot / (grad_norm * mom_norm), sign_flip, update_norm, param_norm,
+                            update_norm / param_norm, (v_sum / plan.numel_v).sqrt()])
 
     # ---- the log
     def _drain(self):
