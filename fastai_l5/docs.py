@@ -50,7 +50,7 @@ def _title(nb, fallback):
     for cell in nb.cells:
         if cell.cell_type != 'markdown': continue
         m = re.search(r'^#\s+(.+?)\s*$', cell.source, flags=re.M)
-        if m: return m.group(1).strip()
+        if m: return re.sub(r'`([^`]*)`|\*\*?([^*]+)\*\*?', lambda g: g.group(1) if g.group(1) is not None else g.group(2), m.group(1)).strip()
     return fallback
 
 
@@ -181,7 +181,7 @@ body.l5-site { margin: 0; font-family: system-ui, -apple-system, 'Segoe UI', san
 .l5-main .jp-InputArea-editor pre { overflow: visible; }
 .l5-main .jp-RenderedMarkdown { font-size: 15px; line-height: 1.6; }
 .l5-main .jp-RenderedHTMLCommon h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
-.l5-main .jp-MarkdownOutput h3 { font-family: var(--jp-code-font-family); }
+.l5-main .jp-OutputArea-output.jp-RenderedMarkdown h3 { font-family: var(--jp-code-font-family); }
 .l5-main .jp-RenderedMarkdown pre, .l5-main .jp-RenderedMarkdown code { font-family: var(--jp-code-font-family); font-size: 13px; }
 .l5-main .jp-RenderedMarkdown .highlight pre { background: #f6f8fa; padding: .6em .8em; border-radius: 6px; line-height: 1.45; }
 .l5-main .jp-OutputArea-output img { max-width: 100%; height: auto; }
