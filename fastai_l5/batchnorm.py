@@ -15,7 +15,7 @@ import torch.distributed as dist
 from fastai.learner import Learner
 from fastai.tabular.core import FillMissing, Normalize
 from fastai.torch_core import rank_distrib
-from fastcore.basics import patch_to, store_attr
+from fastcore.basics import patch_to
 from fastcore.foundation import L
 from matplotlib.figure import Figure
 from torch import nn

@@ -77,6 +77,8 @@ def test_drift_columns_match_bn_inputs(dls):
     for c in ['mean_shift', 'var_shift', 'mean_drift']:
         np.testing.assert_allclose(df[c], exp[c], rtol=2e-3, atol=2e-5, err_msg=c)
     assert (df['mean_drift'].iloc[3:] > 0).all() and (df['var_shift'] > 0).all()
+    assert isinstance(cb.plot(), Figure) and cb.precise_df.empty
+    with pytest.raises(ValueError, match='unknown layers'): cb.plot(layers='nope')
 
 
 def test_every_steps_across_fits_and_validate(dls):
