@@ -3,6 +3,7 @@ between pages, plots inline, nbdev `show_doc` cells rendered from their markdown
 into MathML so the site needs nothing from the network."""
 from __future__ import annotations
 
+import copy
 import html
 import re
 import shutil
@@ -283,7 +284,7 @@ def _exporter():
 def _render(exporter, nb, pages, i):
     page = pages[i]
     resources = {'l5': {'css': _CSS, 'nav': _nav(pages, page), 'pager': _pager(pages, i)}}
-    body, _ = exporter.from_notebook_node(_prepare(nb, page), resources=resources)
+    body, _ = exporter.from_notebook_node(_prepare(copy.deepcopy(nb), page), resources=resources)
     return _postprocess(body, page.title)
 
 
@@ -310,7 +311,7 @@ def _copy_assets(nbs_dir, out):
             shutil.copy2(f, out/rel)
 
 
-def build_docs(nbs='nbs', out='_site', execute=True, timeout=600) -> Path:
+def build_docs(nbs='nbs', out='_site', execute=True, timeout=600, executed=None) -> Path:
     """Render every notebook in `nbs` (see `find_nbs`) to a static HTML site in `out`, one page per
     notebook (`index.ipynb` becomes `index.html`), with a nav bar, previous/next links and an
     on-this-page list, and return the site's folder.
@@ -319,7 +320,8 @@ def build_docs(nbs='nbs', out='_site', execute=True, timeout=600) -> Path:
     `DocsError` and nothing is written. `execute=False` renders the notebooks as stored, so a folder of
     already-executed copies can be rendered without running them again; a stored error output or a
     notebook never executed raises `DocsError`. `out` is rebuilt from scratch; a non-empty folder that
-    is not a site built here is refused."""
+    is not a site built here is refused. With `executed` (a folder), the executed notebooks are also
+    saved there, so tests can inspect them, or a later build can render them with `execute=False`."""
     import nbformat
     pages = docs_pages(nbs)
     nbs_dir = pages[0].path.parent
@@ -332,5 +334,8 @@ def build_docs(nbs='nbs', out='_site', execute=True, timeout=600) -> Path:
     rendered = [_render(exporter, nb, pages, i) for i, nb in enumerate(nbs_run)]
     out = _prepare_out(out)
     for page, body in zip(pages, rendered): (out/page.href).write_text(body, encoding='utf-8')
+    if executed is not None:
+        Path(executed).mkdir(parents=True, exist_ok=True)
+        for nb, page in zip(nbs_run, pages): nbformat.write(nb, Path(executed)/page.path.name)
     _copy_assets(nbs_dir, out)
     return out.resolve()

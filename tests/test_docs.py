@@ -170,21 +170,19 @@ def _small_site(tmp_path):
 
 def test_small_site_renders_and_checks_pass(tmp_path, browser):
     nbs = _small_site(tmp_path)
-    site = build_docs(nbs=nbs, out=tmp_path/'site')
+    site = build_docs(nbs=nbs, out=tmp_path/'site', executed=tmp_path/'executed')
     assert [p.slug for p in docs_pages(nbs)] == ['index', '01_other', 'api_thing']
     index = (site/'index.html').read_text(encoding='utf-8')
     assert 'href="01_other.html#part-two"' in index and '<math' in index and 'data:image/png;base64' in index
-    assert 'API reference' in index and 'rel="next"' in index
+    assert 'API reference' in index and 'rel="next"' in index and 'alt="Plot: Part one"' in index
     assert not link_problems(site)
     for page in site.glob('*.html'): assert page_problems(browser, page)[0] == []
-    # the executed copies render again without running (execute=False)
-    executed = tmp_path/'executed'
-    executed.mkdir()
-    for p in docs_pages(nbs):
-        from fastai_l5.docs import execute_notebook
-        nbformat.write(execute_notebook(p.path), executed/p.path.name)
-    again = build_docs(nbs=executed, out=tmp_path/'site2', execute=False)
-    assert 'data:image/png;base64' in (again/'index.html').read_text(encoding='utf-8')
+    # the executed copies keep their LaTeX, and render again without running (execute=False)
+    copies = sorted(p.name for p in (tmp_path/'executed').glob('*.ipynb'))
+    assert copies == sorted(p.path.name for p in docs_pages(nbs))
+    assert '$S_t' in nbformat.read(tmp_path/'executed'/'index.ipynb', as_version=4).cells[0].source
+    again = build_docs(nbs=tmp_path/'executed', out=tmp_path/'site2', execute=False)
+    assert (again/'index.html').read_text(encoding='utf-8') == index
 
 
 def test_checks_catch_broken_pages(tmp_path, browser):
