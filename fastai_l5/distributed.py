@@ -13,6 +13,7 @@ Launch a script that trains inside `with learn.distrib_ctx(sync_bn=False): learn
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,23 +67,48 @@ def to_distributed(self: Learner, sync_bn=True, **kwargs):
 Learner.to_distributed._fastai_l5_original = _fastai_to_distributed
 
 
+def _failure_text(out, n=4000):
+    """The ranks' own errors in torchrun's output: their `[rankN]:` lines, else from the first traceback
+    (torchrun's summary of which rank failed comes after), else the end of `out`."""
+    ranks = [l for l in out.splitlines() if l.startswith('[rank')]
+    if ranks: return '\n'.join(ranks)[-n:]
+    i = out.find('Traceback (most recent call last)')
+    return out[i:i + n] if i >= 0 else out[-n:]
+
+
+def _stop(proc, grace=20):
+    """End a torchrun launch: SIGTERM lets torchrun stop its workers (each runs in a session of its own, out of
+    reach of a signal to torchrun's group), then SIGKILL for whatever is left of torchrun's group."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try: return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()  # a worker that outlived torchrun may still hold the pipes: do not wait for them
+        return '', f'torchrun did not stop within {grace}s of SIGTERM and was killed'
+
+
+
 def launch_cpu(script, *args, nproc=2, timeout=600, env=None, check=True):
     """Run `script` (with `args`) in `nproc` CPU processes under `torchrun --standalone` with
     `ACCELERATE_USE_CPU=1`, the way to use `learn.distrib_ctx(sync_bn=False)` without GPUs.
-    Returns the `subprocess.CompletedProcess` (output captured as text); with `check`, a failed or
-    timed-out run raises `RuntimeError` carrying the end of its output."""
-    if int(nproc) < 1: raise ValueError(f"nproc={nproc!r} must be at least 1")
-    if not os.path.exists(script): raise FileNotFoundError(f"no script at {script!r}")
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={int(nproc)}',
+    Returns the `subprocess.CompletedProcess` (output captured as text); with `check`, a failed run raises
+    `RuntimeError` carrying the ranks' tracebacks. A run still going after `timeout` seconds (a deadlock)
+    is killed with all its processes, and raises `TimeoutError`."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc={nproc!r} must be a whole number of processes, at least 1")
+    if not os.path.isfile(script): raise FileNotFoundError(f"no script at {str(script)!r}")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
            str(script), *map(str, args)]
     full_env = {**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1', **(env or {})}
-    try: res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b'')[-3000:]
-        if isinstance(out, bytes): out = out.decode(errors='replace')
-        raise RuntimeError(f"{nproc} processes of {script} did not finish in {timeout}s "
-                           f"(a deadlock?); last output:\n{out}") from None
+    # its own session, so a timeout can reach torchrun and its process group
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try: out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _stop(proc)
+        raise TimeoutError(f"{nproc} processes of {script} did not finish in {timeout}s (a deadlock?); "
+                           f"they were stopped. Last output:\n{_failure_text(out + err)}") from None
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}; last output:\n"
-                           f"{(res.stdout + res.stderr)[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} exited with {res.returncode}:\n{_failure_text(out + err)}")
     return res

@@ -145,3 +145,30 @@ def test_single_process_distrib_ctx_is_a_no_op():
     learn = ddp_script.make_learner(cbs=[MomentumLogger()])
     with learn.distrib_ctx(sync_bn=False): learn.fit(1, 1e-3)
     assert len(learn.momentum_logger.df) > 0 and not hasattr(learn, 'distributed_trainer')
+
+
+def test_launch_cpu_reports_the_failing_rank(tmp_path):
+    script = tmp_path / 'fail.py'
+    script.write_text("import os\nif os.environ['RANK'] == '1': raise ValueError('rank one broke')\n")
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*ValueError: rank one broke"): launch_cpu(script)
+    assert launch_cpu(script, check=False).returncode == 1
+
+
+def test_launch_cpu_stops_a_deadlock(tmp_path):
+    "Rank 0 waits in a barrier that rank 1 never reaches: the run is stopped, with every process it started."
+    import time
+    script = tmp_path / 'hang.py'
+    script.write_text("import os, sys, time, torch.distributed as dist\n"
+                      "open(os.path.join(sys.argv[1], f'pid{os.environ[\"RANK\"]}'), 'w').write(str(os.getpid()))\n"
+                      "dist.init_process_group('gloo')\n"
+                      "dist.barrier() if dist.get_rank() == 0 else time.sleep(300)\n")
+    with pytest.raises(TimeoutError, match=r'did not finish in 15s'): launch_cpu(script, tmp_path, timeout=15)
+    pids = [int((tmp_path / f'pid{r}').read_text()) for r in range(2)]
+
+    def alive(pid):
+        try: os.kill(pid, 0)
+        except ProcessLookupError: return False
+        return Path(f'/proc/{pid}/status').exists() and 'zombie' not in Path(f'/proc/{pid}/status').read_text()
+    deadline = time.time() + 10
+    while any(map(alive, pids)) and time.time() < deadline: time.sleep(0.2)
+    assert not any(map(alive, pids))
