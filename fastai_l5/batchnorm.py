@@ -18,6 +18,7 @@ from fastai.torch_core import rank_distrib
 from fastcore.basics import patch_to
 from fastcore.foundation import L
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -479,6 +480,7 @@ class BNDrift(StepCallback):
                             ms=3, label=str(layer))
                 ax.set_title(stat)
             ax.set_xlabel(x)
+            if x == 'epoch': ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axs[len(panels):]: ax.set_visible(False)
         axs[0].legend(fontsize='small', ncols=2)
         fig.suptitle('BatchNorm: batch vs running statistics' + (', EMA vs population' if len(pdf) else ''))
