@@ -13,8 +13,8 @@ from fastcore.test import test_close as close_enough
 
 from fastai_l5.all import *
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's to_fp16 (MixedPrecision with fp16 "
-                                "autocast and GradScaler) needs CUDA; no GPU on this machine")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's MixedPrecision (to_fp16, to_bf16) "
+                                "autocasts on CUDA only; no GPU on this machine")
 
 
 @pytest.fixture(scope='module')
