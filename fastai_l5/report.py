@@ -75,6 +75,7 @@ def csv_dls(path, target, cat_names=None, cont_names=None, bs=1024, valid_pct=0.
     continuous, everything else categorical. A numeric target with more than 20 distinct values is a
     regression, anything else a classification. Raises `ValueError` with a one-line reason on bad input."""
     path = Path(path)
+    if path.is_dir(): raise ValueError(f"{path} is a directory; give the path of a CSV file")
     if not path.is_file(): raise ValueError(f"no such file: {path}")
     try: df = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:

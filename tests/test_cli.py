@@ -58,6 +58,7 @@ def test_report_on_a_users_csv(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['report', 'nowhere.csv', '--target', 'y'], r'no such file: nowhere\.csv'),
+    (['report', '.', '--target', 'y'], r'is a directory; give the path of a CSV file'),
     (['report', 'data.csv', '--target', 'nope'], r"unknown column\(s\) \['nope'\].*'a', 'b'"),
     (['report', 'data.csv', '--target', 'a', '--cat', 'zz'], r"unknown column\(s\) \['zz'\]"),
     (['report', 'empty.csv', '--target', 'a'], r'has no data rows'),
