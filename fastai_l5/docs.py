@@ -82,7 +82,8 @@ def execute_notebook(path, timeout=600, threads=1):
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3',
-                            resources={'metadata': {'path': str(path.parent)}})
+                            resources={'metadata': {'path': str(path.parent)}},
+                            extra_arguments=['--IPKernelApp.log_level=ERROR'])   # not its TCP-transport notice
     env = {**os.environ}
     env.setdefault('OMP_NUM_THREADS', str(threads))
     try: client.execute(env=env)
