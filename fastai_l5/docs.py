@@ -289,14 +289,20 @@ def _render(exporter, nb, pages, i):
     return _postprocess(body, page.title)
 
 
-def _prepare_out(out):
+def _check_out(out):
+    "Refuse, before any notebook runs, an `out` that is a file or a folder of someone else's files."
     out = Path(out)
     if out.exists():
         if not out.is_dir(): raise NotADirectoryError(f"--out {out} is a file; give a folder for the docs site")
         if any(out.iterdir()) and not (out/_SITE_MARKER).exists():
             raise FileExistsError(f"{out} is not empty and holds no docs site built by fastai_l5: "
                                   "give an empty or new folder, so nothing of yours is overwritten")
-        shutil.rmtree(out)
+    return out
+
+
+def _prepare_out(out):
+    out = _check_out(out)
+    if out.exists(): shutil.rmtree(out)
     out.mkdir(parents=True)
     (out/_SITE_MARKER).write_text('built by fastai_l5.docs.build_docs; rebuilt from scratch each time\n')
     return out
@@ -326,6 +332,7 @@ def build_docs(nbs='nbs', out='_site', execute=True, timeout=600, executed=None)
     import nbformat
     pages = docs_pages(nbs)
     nbs_dir = pages[0].path.parent
+    _check_out(out)
     if execute: nbs_run = [execute_notebook(p.path, timeout=timeout) for p in pages]
     else:
         nbs_run = [nbformat.read(p.path, as_version=4) for p in pages]

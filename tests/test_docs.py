@@ -236,7 +236,9 @@ def test_bad_folders_get_clear_errors(tmp_path, monkeypatch):
     mine = tmp_path/'mine'
     mine.mkdir()
     (mine/'thesis.txt').write_text('precious')
+    _write(nbs, 'slow', new_code_cell('import time; time.sleep(600)'))          # refused before this runs
     with pytest.raises(FileExistsError, match='not empty'): build_docs(nbs=nbs, out=mine)
+    (nbs/'slow.ipynb').unlink()
     assert (mine/'thesis.txt').read_text() == 'precious'
     site = build_docs(nbs=nbs, out=tmp_path/'site')
     assert build_docs(nbs=nbs, out=site) == site                  # its own site is rebuilt
