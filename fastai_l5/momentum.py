@@ -150,18 +150,22 @@ class MomentumLogger(StepCallback):
         ‖g‖², ‖Δp‖², ‖p‖², ‖m‖², Σ g·m, −#{g·m < 0}, Σ v; then one `index_add` sums them per layer."""
         snap, n = self._snap, len(plan.layers)
         torch._foreach_sub_(snap, ps)  # snap = p_before - p_after = -Δp
-        parts = [torch.stack(torch._foreach_norm(gs + snap + ps + ms)).float().square()]
+        norms = torch._foreach_norm(gs + snap + ps + ms)
+        scalars = list(norms)
         if ms:
             # the workspace now holds g·m, entry by entry, for the parameters that have a moment
-            w = [snap[i] for i in plan.m_idx]
-            torch._foreach_copy_(w, [gs[i] for i in plan.m_idx])
+            every_m = len(ms) == len(ps)
+            w = snap if every_m else [snap[i] for i in plan.m_idx]
+            torch._foreach_copy_(w, gs if every_m else [gs[i] for i in plan.m_idx])
             torch._foreach_mul_(w, ms)
-            parts.append(torch.stack([t.sum() for t in w]).float())  # a loop of sums beats foreach_norm(ord=1) on CPU
+            scalars += [t.sum() for t in w]  # a loop of sums beats foreach_norm(ord=1) on CPU
             torch._foreach_clamp_max_(w, 0.)
             torch._foreach_sign_(w)  # -1 where g·m < 0, else 0 (NaN stays NaN)
-            parts.append(torch.stack([t.sum() for t in w]).float())
-        if vs: parts.append(torch.stack([t.sum() for t in vs]).float())
-        sums = torch.zeros(7 * n, device=plan.idx.device).index_add_(0, plan.flat_idx, torch.cat(parts)).view(7, n)
+            scalars += [t.sum() for t in w]
+        scalars += [t.sum() for t in vs]
+        per_param = torch.stack(scalars).float()
+        per_param[:len(norms)].square_()
+        sums = torch.zeros(7 * n, device=plan.idx.device).index_add_(0, plan.flat_idx, per_param).view(7, n)
         grad_norm, update_norm, param_norm, mom_norm = sums[:4].sqrt().unbind(0)
         dot, minus_neg, v_sum = sums[4:].unbind(0)
         mom_norm = mom_norm * plan.nan_if_no_m
