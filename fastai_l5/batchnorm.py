@@ -171,14 +171,30 @@ def _population_stats(model, bns, batches, dropout=True):
     return mean, m2 / total
 
 
+def _all_min(n, device):
+    "The smallest of the integer `n` over all processes (every rank gets it); `n` itself with one process."
+    if _world_size() == 1: return int(n)
+    t = torch.tensor(int(n), dtype=torch.int64, device=device)  # on the model's device: nccl takes CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def _split(learn, b):
+    """`(xb, yb)` the way `Learner._split` cuts a batch: the loaders' `n_inp`, or all items but the last
+    where the loaders do not say (as under `DistributedDL`)."""
+    i = getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
+    return b[:i], b[i:]
+
+
+def _on_device(b, device): return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
+
+
 def _batches(learn, dl, n_batches):
     "The first `n_batches` input tuples of `dl`, on the model's device."
-    n_inp = getattr(learn.dls, 'n_inp', None)
     device = next(learn.model.parameters()).device
     for i, b in enumerate(dl):
         if i >= n_batches: break
-        b = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
-        yield b[:n_inp] if n_inp is not None else b[:max(len(b) - 1, 1)]
+        yield _split(learn, _on_device(b, device))[0]
 
 
 def _flat_stats(bns):
@@ -212,6 +228,20 @@ def _check_count(name, value, lo=1):
     return int(value)
 
 
+def _check_enough(n_batches, dl, device):
+    """Raise on every rank alike when some rank's `dl` holds fewer than `n_batches` batches: the count is
+    the minimum over processes, so no rank waits forever in the pooling all-reduce for one that gave up."""
+    n, world = _all_min(len(dl), device), _world_size()
+    where = f" on the rank with the fewest of {world} processes" if world > 1 else ""
+    if n == 0:
+        raise ValueError(f"precise_bn needs batches, but the loader is empty (it holds only 0 batches{where}): a "
+                         "training loader drops its last partial batch, so a dataset smaller than bs gives none; "
+                         "pass a dl with at least one batch, e.g. dl=learn.dls.train.new(drop_last=False), or lower bs")
+    if n_batches > n:
+        raise ValueError(f"n_batches={n_batches} but the loader holds only {n} batches{where}: "
+                         f"pass n_batches<={n} or a larger dl")
+
+
 def precise_bn(learn, n_batches=200, dl=None, dropout=True):
     """Replace every BN layer's running statistics by the population statistics of its inputs over
     `n_batches` batches of `dl` (default the training loader), at the current weights: a no-grad pass in
@@ -219,14 +249,13 @@ def precise_bn(learn, n_batches=200, dl=None, dropout=True):
     size), and over processes when `torch.distributed` is initialised, so every rank ends with the same
     buffers. `dropout=False` switches dropout off for the pass (dropout before BN changes the variance BN
     sees, Li et al. 2019). Momenta, modes, `num_batches_tracked`, weights and optimizer state are left
-    as they were. Returns, per layer, how far the running statistics were from the population ones:
+    as they were. Under `torch.distributed` the batch count is checked collectively: when any rank's `dl` holds
+    fewer than `n_batches` batches, every rank raises the same `ValueError` (none is left waiting). Returns, per layer, how far the running statistics were from the population ones:
     `mean_gap` = mean_c |μ_R − μ_P| / √(σ²_P + eps), `var_gap` = mean_c |log(σ²_R / σ²_P)|."""
     bns = _require_bn(learn.model, 'precise_bn')
     n_batches = _check_count('n_batches', n_batches)
     dl = learn.dls.train if dl is None else dl
-    if n_batches > len(dl):
-        raise ValueError(f"n_batches={n_batches} but the loader holds only {len(dl)} batches: "
-                         f"pass n_batches<={len(dl)} or a larger dl")
+    _check_enough(n_batches, dl, bns[0][1].running_mean.device)
     names, mods = bns.itemgot(0), list(bns.itemgot(1))
     with torch.no_grad():
         mean_r, var_r = _flat_stats(mods)
@@ -310,13 +339,20 @@ class BNDrift(StepCallback):
     statistics over `precise_batches` training batches at the current weights (`precise_bn`'s pass) and
     the validation loss with them, then puts every buffer and random state back, so training goes on
     exactly as without it (`.precise_df`, and a `valid_loss_precise` column in the progress table).
-    Under `torch.distributed` every rank measures (the statistics are pooled over ranks); rank 0 logs."""
+
+    With `path`, `.df` is also written to that CSV file as training goes (at least once an epoch), and with
+    `keep=False` too it is held there only (see `LogTable`); `.precise_df` (one row per measured epoch and
+    layer) stays in memory. Under `torch.distributed` every rank measures: the population statistics, the
+    precise pass's batch count and both validation losses are pooled over ranks, so `.precise_df` is the same
+    on every rank; `.df` (and its file) is rank 0's alone."""
     _stateattrs = ('_log', '_precise_log', '_plan')
     drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
 
-    def __init__(self, every=1, precise_every=None, precise_batches=50):
+    def __init__(self, every=1, precise_every=None, precise_batches=50, path=None, keep=True):
         super().__init__()
         self._init_state()  # fastai's Callback.__init__ does not reach Stateful's
+        if path is not None and rank_distrib() == 0:  # other ranks log nothing: they must not truncate the file
+            self._log = LogTable(self._log.columns, path=path, keep=keep)
         self.every = _check_count('every', every)
         self.precise_every = None if precise_every is None else _check_count('precise_every', precise_every)
         self.precise_batches = _check_count('precise_batches', precise_batches)
@@ -324,6 +360,7 @@ class BNDrift(StepCallback):
         self.n_train_batch = 0
 
     def _init_state(self):
+        "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
         self._log = LogTable(['step', 'epoch', 'layer', *self.drift_stats])
         self._precise_log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise'])
@@ -370,9 +407,18 @@ class BNDrift(StepCallback):
     def after_step(self):
         self._plan.ran = self.count_step()
 
-    def after_batch(self):
+    def after_batch(self): self._stage_pending()
+
+    # a callback ordered before this one (TerminateOnNaNCallback, order -9) may raise CancelFitException in its
+    # after_batch, so this one's never runs for that batch: the batch is logged on the way out instead
+    def after_cancel_fit(self): self._stage_pending()
+    def after_cancel_epoch(self): self._stage_pending()
+    def after_cancel_train(self): self._stage_pending()
+
+    def _stage_pending(self):
+        "Stage the current batch's row if it was due and its forward pass ran (so its running stats moved)."
         plan = self._plan
-        if not (plan.pending and plan.fwd and self.learn.training): return
+        if plan is None or not (plan.pending and plan.fwd and self.learn.training): return
         plan.pending = False
         step = self.n_step if plan.ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
         plan.staged.append(plan.per_layer()); plan.staged_at.append((step, self.learn.epoch))
@@ -391,17 +437,20 @@ class BNDrift(StepCallback):
 
     # --- population statistics at epoch end ---------------------------------------------------
     def after_train(self):
+        self._unstage(); self._log.flush()  # a streamed log on disk is never more than an epoch behind
         self._measured = bool(self.precise_every) and (self.epoch + 1) % self.precise_every == 0
         self._valid_sum, self._valid_n = 0., 0
         if not self._measured: return
         mods = self._plan.mods
         model, train_dl = _unwrap(self.learn.model), self.learn.dls.train
+        # the same count on every rank, or one would wait forever in the pooling all-reduce
+        n = _all_min(min(self.precise_batches, len(train_dl)), mods[0].running_mean.device)
+        if n == 0: self._measured = False; return   # no training batch to measure with
         with torch.no_grad():
             saved = [(t, t.clone()) for bn in mods for t in (bn.running_mean, bn.running_var)]
             mean_r, var_r = _flat_stats(mods)
             try:
                 with _preserved_rng(train_dl, self.learn.dls.valid):
-                    n = min(self.precise_batches, len(train_dl))
                     mean_p, var_p = _population_stats(model, mods, _batches(self.learn, train_dl, n))
                     _set_stats(mods, mean_p, var_p)
                     self._last_loss_precise = self._valid_loss(model)
@@ -410,24 +459,23 @@ class BNDrift(StepCallback):
             self._gap = _gaps(mods, mean_r, var_r, mean_p, var_p)
 
     def _valid_loss(self, model):
-        "Mean validation loss (weighted by batch size, as `Recorder` does) with the model in eval mode."
+        """Mean validation loss (weighted by batch size, as `Recorder` does) with the model in eval mode,
+        over the validation samples of all ranks (each rank's sum and count are added up)."""
         dl = self.learn.dls.valid
-        if not len(dl): return float('nan')
         modes = [(m, m.training) for m in model.modules()]
-        n_inp = getattr(self.learn.dls, 'n_inp', 1)
         device = next(model.parameters()).device
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        total = torch.zeros(2, dtype=torch.float64, device=device)   # Σ loss·bs, Σ bs
         try:
             model.eval()
             for b in dl:
-                b = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
-                xb, yb = b[:n_inp], b[n_inp:]
+                xb, yb = _split(self.learn, _on_device(b, device))
                 bs = len(yb[0])
-                total += self.learn.loss_func(model(*xb), *yb).detach().double() * bs
-                count += bs
+                total[0] += self.learn.loss_func(model(*xb), *yb).detach().double() * bs
+                total[1] += bs
         finally:
             for m, mode in modes: m.training = mode
-        return float(total / count)
+        total = _all_sum(total)
+        return float(total[0] / total[1]) if total[1] else float('nan')
 
     def _last_precise_loss(self): return self._last_loss_precise if self._measured else float('nan')
 
@@ -438,8 +486,11 @@ class BNDrift(StepCallback):
         self._valid_n += bs
 
     def after_epoch(self):
-        if not self._measured or not self._logs_here: return
-        valid_loss = float(self._valid_sum / self._valid_n) if self._valid_n else float('nan')
+        if not self._measured: return
+        sums = torch.tensor([float(self._valid_sum), float(self._valid_n)], dtype=torch.float64,
+                            device=self._plan.mods[0].running_mean.device)
+        loss_sum, n = _all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
+        valid_loss = loss_sum / n if n else float('nan')
         self._precise_log.append(epoch=self.epoch, layer=self._plan.names, mean_gap=self._gap[0], var_gap=self._gap[1],
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 

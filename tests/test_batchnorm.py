@@ -1,13 +1,16 @@
 "BNDrift, precise_bn and bn_shift against independent computations from the BN layers' inputs."
 import copy
+import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.tabular.all import tabular_config, tabular_learner
 from matplotlib.figure import Figure
 from torch import nn
@@ -290,3 +293,59 @@ def test_bn_shift_units_and_flags(dls):
     assert res.loc[res['shifted'], 'feature'].tolist() == ['carat', 'depth']
     assert res.set_index('feature')['z']['carat'] > 3 and res.set_index('feature')['std_ratio']['depth'] > 1.8
     assert bn_shift(learn, new, threshold=1e6)['shifted'].sum() == 0
+
+
+def test_precise_bn_unequal_ranks_raise_together(tmp_path):
+    """Under DDP (2 CPU processes) a rank whose loader is too short makes every rank raise the same ValueError
+    (the batch count is all-reduced first), where before it raised alone and left the other waiting forever."""
+    root = Path(__file__).resolve().parents[1]
+    env = {'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])}
+    launch_cpu(root / 'tests' / 'bn_ddp_script.py', tmp_path, nproc=2, timeout=180, env=env)
+    r0, r1 = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    assert (r0['n_mine'], r1['n_mine'], r0['n_empty'], r1['n_empty']) == (9, 3, 9, 0)
+    assert r0['too_many'] == r1['too_many'] != ''
+    assert 'n_batches=5' in r0['too_many'] and 'only 3 batches on the rank with the fewest of 2' in r0['too_many']
+    assert r0['empty'] == r1['empty'] != '' and 'loader is empty' in r0['empty']
+    assert r0['fits'] == r1['fits'] == ''
+    for k, v in r0['buffers'].items(): torch.testing.assert_close(v, r1['buffers'][k])  # pooled: the same everywhere
+
+
+def test_precise_bn_empty_loader_says_so(dls):
+    learn = make_learner(dls)
+    empty = dls.train.new(bs=len(dls.train_ds) + 1)  # drop_last: no batch at all
+    assert len(empty) == 0
+    with pytest.raises(ValueError, match=r'loader is empty.*drop_last=False'): precise_bn(learn, dl=empty)
+
+
+def test_drift_streams_to_disk(dls, tmp_path):
+    "With path, .df goes to a CSV file as training goes (keep=False: only there); an exported copy neither holds nor truncates it."
+    path = tmp_path / 'sub' / 'bn.csv'
+    learn = make_learner(dls)
+    learn.add_cb(BNDrift(every=2, path=path, keep=False))
+    learn.fit(2, 1e-2)
+    cb = learn.bn_drift
+    on_disk = pd.read_csv(path)
+    assert cb._log.nbytes() == 0 and len(on_disk) == len(cb.df) == (2 * len(dls.train) // 2) * len(bns(learn.model))
+    assert list(on_disk.columns) == ['step', 'epoch', 'layer', 'mean_shift', 'var_shift', 'mean_drift']
+    copy_ = pickle.loads(pickle.dumps(cb))
+    assert copy_._log.path is None and len(copy_.df) == 0
+    assert len(pd.read_csv(path)) == len(on_disk)  # unpickling did not start the file again
+    # in memory too (keep=True): the same rows as the file
+    learn2 = make_learner(dls); learn2.add_cb(BNDrift(path=tmp_path / 'b.csv'))
+    learn2.fit(1, 1e-2)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / 'b.csv'), learn2.bn_drift.df, check_dtype=False)
+
+
+def test_batch_cancelled_by_terminate_on_nan_is_logged(dls):
+    "TerminateOnNaNCallback (order -9) cancels the fit in after_batch before BNDrift's runs: that batch is still logged."
+    class NaNAt3(Callback):
+        def before_fit(self): self.seen = 0
+        def after_loss(self):
+            if not self.training: return
+            self.seen += 1
+            if self.seen == 3: self.learn.loss = self.learn.loss * float('nan')
+    learn = make_learner(dls)
+    learn.add_cbs([BNDrift(), NaNAt3(), TerminateOnNaNCallback()])
+    learn.fit(1, 1e-2)
+    df = learn.bn_drift.df
+    assert sorted(set(df.step)) == [1, 2, 3] and df.mean_shift.notna().all()

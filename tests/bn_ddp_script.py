@@ -1,0 +1,37 @@
+"""precise_bn under `learn.distrib_ctx(sync_bn=False)` with unequal loaders per rank; launched by
+tests/test_batchnorm.py as `launch_cpu('tests/bn_ddp_script.py', OUT_DIR)` (2 CPU processes, gloo).
+Rank 0 pools the training loader (9 batches), rank 1 the validation loader (3) or an empty one.
+Each rank writes what each call raised (or the buffers it left) to OUT_DIR/rank{r}.pt."""
+import sys
+from pathlib import Path
+
+import torch
+from fastai.tabular.all import tabular_learner
+from fastai.torch_core import rank_distrib, set_seed
+
+from fastai_l5.all import *
+
+
+def outcome(f):
+    try: f()
+    except ValueError as e: return f'ValueError: {e}'
+    return ''
+
+
+def main(out):
+    rank = rank_distrib()
+    set_seed(0)
+    dls = example_dls('diamonds', n_rows=1500, bs=128)
+    learn = tabular_learner(dls, layers=[16, 8])
+    mine = dls.train.new(shuffle=False) if rank == 0 else dls.valid.new(shuffle=False)
+    empty = dls.train.new(shuffle=False) if rank == 0 else dls.train.new(bs=5000)  # drop_last: no batch
+    with learn.distrib_ctx(sync_bn=False):
+        res = dict(n_mine=len(mine), n_empty=len(empty),
+                   too_many=outcome(lambda: precise_bn(learn, n_batches=5, dl=mine)),
+                   empty=outcome(lambda: precise_bn(learn, n_batches=1, dl=empty)),
+                   fits=outcome(lambda: precise_bn(learn, n_batches=3, dl=mine)))
+    res['buffers'] = {k: v.clone() for k, v in learn.model.state_dict().items() if 'running_' in k}
+    torch.save(res, Path(out) / f'rank{rank}.pt')
+
+
+if __name__ == '__main__': main(sys.argv[1])
