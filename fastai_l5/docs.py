@@ -176,7 +176,7 @@ body.l5-site { margin: 0; font-family: system-ui, -apple-system, 'Segoe UI', san
 .l5-nav li a:hover, .l5-toc li a:hover { background: #eef2f7; }
 .l5-nav li a[aria-current="page"] { background: #1f3a5f; color: #fff; }
 .l5-toc li.l5-h3 a { padding-left: 1.6em; }
-.l5-toc li.l5-api a { font-family: var(--jp-code-font-family); font-size: .9em; }
+.l5-toc li.l5-api a { font-family: var(--jp-code-font-family); font-size: .9em; overflow-wrap: anywhere; }
 .l5-main { min-width: 0; padding: 1em 0 3em; overflow: visible; }
 .l5-main .jp-Cell { padding: 4px 0; }
 .l5-main .jp-InputArea, .l5-main .jp-InputArea-editor { overflow-x: auto; }
