@@ -171,6 +171,12 @@ def _population_stats(model, bns, batches, dropout=True):
     return mean, m2 / total
 
 
+def _from_rank0(t):
+    "Rank 0's `t` on every process (in place); `t` itself with one process."
+    if _world_size() > 1: dist.broadcast(t, src=0)
+    return t
+
+
 def _all_min(n, device):
     "The smallest of the integer `n` over all processes (every rank gets it); `n` itself with one process."
     if _world_size() == 1: return int(n)
@@ -343,8 +349,9 @@ class BNDrift(StepCallback):
     With `path`, `.df` is also written to that CSV file as training goes (at least once an epoch), and with
     `keep=False` too it is held there only (see `LogTable`); `.precise_df` (one row per measured epoch and
     layer) stays in memory. Under `torch.distributed` every rank measures: the population statistics, the
-    precise pass's batch count and both validation losses are pooled over ranks, so `.precise_df` is the same
-    on every rank; `.df` (and its file) is rank 0's alone."""
+    precise pass's batch count and both validation losses are pooled over ranks and the gaps are taken from
+    rank 0's running statistics (which DDP broadcasts before each forward), so `.precise_df` is the same on
+    every rank; `.df` (and its file) is rank 0's alone."""
     _stateattrs = ('_log', '_precise_log', '_plan')
     drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
 
@@ -448,7 +455,9 @@ class BNDrift(StepCallback):
         if n == 0: self._measured = False; return   # no training batch to measure with
         with torch.no_grad():
             saved = [(t, t.clone()) for bn in mods for t in (bn.running_mean, bn.running_var)]
-            mean_r, var_r = _flat_stats(mods)
+            # without SyncBatchNorm each rank's last batch moved its own buffers; DDP broadcasts rank 0's before
+            # every forward, so those are the running statistics the model validates with: compare them
+            mean_r, var_r = map(_from_rank0, _flat_stats(mods))
             try:
                 with _preserved_rng(train_dl, self.learn.dls.valid):
                     mean_p, var_p = _population_stats(model, mods, _batches(self.learn, train_dl, n))

@@ -95,7 +95,6 @@ def test_precise_bn_pools_over_ranks(ranks):
         close_enough(r0['after_precise'][k], v, eps=1e-4)           # ...to the single-process population value
 
 
-@_not_yet("BNDrift(precise_every=k) fails inside DDP: its validation pass feeds the model one input")
 def test_bn_drift_precise_pass_under_ddp(ranks):
     "The per-epoch precise pass all-reduces like precise_bn: the same gaps and losses on both ranks, buffers restored."
     r0, r1 = (r['precise_every'] for r in ranks)
