@@ -15,6 +15,10 @@ class UsageError(Exception):
     "Bad input from the command line: printed as one line, exit status 2."
 
 
+class BuildError(Exception):
+    "The work itself failed (a notebook cell raised while building the docs): printed, exit status 1."
+
+
 def _positive_int(text):
     try: value = int(text)
     except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
@@ -92,9 +96,10 @@ def _bench(args):
 
 
 def _docs(args):
-    from .docs import build_docs
+    from .docs import DocsError, build_docs
     try: path = build_docs(out=args.out)
-    except FileNotFoundError as e: raise UsageError(str(e)) from e
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as e: raise UsageError(str(e)) from e
+    except DocsError as e: raise BuildError(str(e)) from e
     print(f"docs: {Path(path).resolve()}")
 
 
@@ -110,6 +115,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"fastai-l5 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BuildError as e:
+        print(f"fastai-l5 {args.command}: failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

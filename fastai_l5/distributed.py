@@ -16,9 +16,13 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import torch
-from fastai.distributed import DistributedDL
+
+with warnings.catch_warnings():  # accelerate, imported by fastai.distributed, warns about Jupyter widgets
+    warnings.filterwarnings('ignore', message='IProgress not found')
+    from fastai.distributed import DistributedDL
 from fastai.learner import Learner
 from fastcore.basics import patch
 from torch.nn.modules.batchnorm import _BatchNorm

@@ -111,9 +111,12 @@ def link_problems(site):
 
 # --- the real site ---------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def site(tmp_path_factory):
-    "The docs site built from nbs/, every notebook executed (a cell error fails here, naming it)."
-    return build_docs(nbs=NBS, out=tmp_path_factory.mktemp('site'), execute=True)
+def site(tmp_path_factory, executed_notebooks):
+    """The docs site built from nbs/, rendered from the session's executed copies (conftest.py), so each
+    notebook runs once per test session; a notebook whose cells raised fails here, naming it."""
+    folder, errors = executed_notebooks
+    if errors: pytest.fail('notebooks with cell errors: ' + ', '.join(sorted(errors)))
+    return build_docs(nbs=folder, out=tmp_path_factory.mktemp('site'), execute=False)
 
 
 def test_site_has_a_page_per_notebook(site):
