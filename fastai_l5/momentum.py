@@ -82,19 +82,28 @@ class MomentumLogger(StepCallback):
     to the host in blocks of `flush_every` steps. The history survives `validate`/`get_preds` and further
     fits (steps keep counting), and is left out of `learn.export()`. `learn.epoch` is fastai's epoch within
     the fit. The progress table gains the epoch means of `cos_mom_grad` and `sign_flip` (as `mom_cos`,
-    `mom_flip`)."""
+    `mom_flip`). With `path`, rows are also appended to that CSV file as training goes (`keep=False`: only
+    there, and `.df` reads it back).
+
+    Cost: a workspace as big as the model while fitting, and about a dozen multi-tensor passes over the
+    parameters, gradients and moments per logged step; `every=k` divides that by k."""
     epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
     _stateattrs = ('table', '_pending', '_epoch_stats', '_snap', '_snap_key', '_plan', '_plan_key', '_ps')
 
-    def __init__(self, every=1, flush_every=32):
+    def __init__(self, every=1, path=None, keep=True, flush_every=32):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
+        if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
         store_attr()
         self._init_state()
 
+    def __setstate__(self, state):
+        # an unpickled logger (`load_learner`) starts a fresh log in memory and leaves the CSV file alone
+        super().__setstate__({**state, 'path': None, 'keep': True})
+
     def _init_state(self):
         super()._init_state()
-        self.table = LogTable(_COLUMNS)
+        self.table = LogTable(_COLUMNS, path=getattr(self, 'path', None), keep=getattr(self, 'keep', True))
         self._pending, self._epoch_stats = [], []
         self._snap = self._snap_key = self._plan = self._plan_key = self._ps = None
         self._snapped = False

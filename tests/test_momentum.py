@@ -298,6 +298,20 @@ def test_export_leaves_history_out(dls, tmp_path):
     assert len(loaded.momentum_logger.df) == 0 and loaded.momentum_logger.n_step == 2 * len(dls.train)
 
 
+def test_stream_to_csv(dls, tmp_path):
+    path = tmp_path / 'mom.csv'
+    learn = make_learn(dls, cbs=[MomentumLogger(every=2, path=path, keep=False)])
+    learn.fit(1, 1e-2)
+    logger = learn.momentum_logger
+    assert logger.table.nbytes() == 0  # nothing kept in memory
+    on_disk = pd.read_csv(path)
+    assert len(on_disk) == len(logger.df) > 0 and sorted(set(on_disk.step)) == list(range(2, len(dls.train) + 1, 2))
+    learn.export(tmp_path / 'e.pkl')
+    load_learner(tmp_path / 'e.pkl')
+    assert len(pd.read_csv(path)) == len(on_disk)  # loading the export leaves the file alone
+    with pytest.raises(ValueError, match='keep=False needs a `path`'): MomentumLogger(keep=False)
+
+
 def test_plot(dls):
     learn = make_learn(dls, cbs=[MomentumLogger()])
     with pytest.raises(ValueError, match='nothing logged'): learn.momentum_logger.plot()
