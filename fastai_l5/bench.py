@@ -14,6 +14,9 @@ Five sections, each a `DataFrame` whose rows state their target and whether it w
 5. `scaling`: overhead and log size of all three callbacks as the model widens and the data grows.
 
 `bench(quick=True)` is a smoke run of tiny sizes (used by the tests: it checks structure, not speed).
+On a machine shared with other jobs, run it with `OMP_NUM_THREADS=1`: torch's default of one thread per
+core makes its threads wait on each other whenever one is descheduled, which can slow a fit tenfold and
+drowns the ratios in noise (the thread count is part of the machine description).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import torch
 import fastai
 from fastai.callback.hook import ActivationStats
 import fastai.callback.progress  # noqa: F401 (fastai's default bar, and `Learner.no_bar`)
-import fastai.callback.schedule  # noqa: F401 (`Learner.fit_one_cycle`)
+from fastai.callback.schedule import SchedNo  # also patches in `Learner.fit_one_cycle`
 from fastai.optimizer import SGD, RMSProp, Adam
 from fastai.tabular.learner import tabular_learner
 from fastai.tabular.model import tabular_config
@@ -85,11 +88,12 @@ def _paired(times, base):
     return statistics.median(r), min(r), max(r)
 
 
-def _interleave(runs, rounds, warmup):
+def _interleave(runs, rounds, warmup, label=None):
     """Call every function of the dict `runs` once per round, in order, for `warmup + rounds` rounds;
     each returns seconds. Returns `{name: [seconds of each counted round]}`."""
     times = {k: [] for k in runs}
     for r in range(warmup + rounds):
+        if label: _log(f"{label}: {'warm-up' if r < warmup else 'round'} {r + 1}/{warmup + rounds}")
         for name, run in runs.items():
             t = run()
             if r >= warmup: times[name].append(t)
@@ -124,20 +128,22 @@ def _load():
 # ---------------------------------------------------------------------------------------------
 # Our callbacks, looked up when the run starts
 
-def _ours():
-    "Our callback factories, keyed by variant name (built fresh for every run)."
+def _ours(p):
+    "Our callback factories, keyed by variant name (built fresh for every run); `p` is the model's dropout."
     from .momentum import MomentumLogger
-    from .dropout import DropoutSchedule, early_dropout
+    from .dropout import DropoutSchedule
     from .batchnorm import BNDrift
-    sched = early_dropout(0.1, until=0.5, linear=True)   # a callable, so p really changes every batch
+    # a schedule (called every batch, p set on every module) that keeps the model's own p: a schedule that
+    # lowers p would also make dropout itself cheaper (torch skips p=0) and hide the callback's cost
+    sched = SchedNo(p, p)
     return {'MomentumLogger': lambda: [MomentumLogger()],
             'DropoutSchedule': lambda: [DropoutSchedule(sched)],
             'BNDrift': lambda: [BNDrift()]}
 
 
-def _variants():
+def _variants(p):
     "Every overhead variant: `{name: (callbacks factory, target or None)}`, plain first."
-    ours = _ours()
+    ours = _ours(p)
     v = {'plain': (lambda: [], None), 'plain (A/A repeat)': (lambda: [], None)}
     for name, f in ours.items(): v[f'+{name}'] = (f, OURS_TARGET)
     v['+all three'] = (lambda: [cb for f in ours.values() for cb in f()], ALL_TARGET)
@@ -146,9 +152,10 @@ def _variants():
 
 
 def _learner(dls, layers, p, cbs=()):
-    "A fresh flights learner from a fixed seed; every variant gets the same dropout-bearing model."
+    """A fresh flights learner from a fixed seed; every variant gets the same model, whose every dropout
+    module (embeddings and hidden layers) has p, so a constant schedule of p changes no work."""
     set_seed(0)
-    return tabular_learner(dls, layers=layers, config=tabular_config(ps=[p] * len(layers)), cbs=list(cbs))
+    return tabular_learner(dls, layers=layers, config=tabular_config(ps=[p] * len(layers), embed_p=p), cbs=list(cbs))
 
 
 def _timed_fit(learn):
@@ -186,12 +193,12 @@ def _counted(cpu, rounds):
 
 def overhead_section(dls, cfg, keep):
     "Median fit time of every variant and its ratio to the plain fit of the same round."
-    variants = _variants()
+    variants = _variants(cfg['p'])
     _log(f"overhead: {len(variants)} variants x ({cfg['warmup']} warm-up + {cfg['rounds']} rounds), "
          f"{len(dls.train)} steps per fit")
     cpu = {}
     times = _interleave(_fit_runs(dls, cfg['layers'], cfg['p'], {k: v[0] for k, v in variants.items()}, keep, cpu),
-                        cfg['rounds'], cfg['warmup'])
+                        cfg['rounds'], cfg['warmup'], label='overhead')
     cpu = _counted(cpu, cfg['rounds'])
     base, rows = times['plain'], []
     for name, (_, target) in variants.items():
@@ -373,7 +380,7 @@ def memory_section(learners, n_steps):
 
 def _scale_point(dls, layers, cfg, n_rows):
     "Plain against all three callbacks, interleaved, on one (data, width) setting."
-    v = _variants()
+    v = _variants(cfg['p'])
     keep, cpu = {}, {}
     runs = _fit_runs(dls, layers, cfg['p'], {'plain': v['plain'][0], '+all three': v['+all three'][0]}, keep, cpu)
     t = _interleave(runs, cfg['scale_rounds'], cfg['scale_warmup'])
@@ -469,18 +476,29 @@ def write_results(results, machine, config, out):
     "Write every section as CSV, all of it as JSON (with the machine) and as a markdown summary."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     for name, df in results.items(): df.to_csv(out / f'{name}.csv', index=False)
-    doc = dict(machine=machine, config=config,
+    doc = dict(machine=machine, config=config, notes=[noise_note(results['overhead'])],
                sections={k: json.loads(df.to_json(orient='records')) for k, df in results.items()})
     (out / 'bench.json').write_text(json.dumps(doc, indent=1))
     md = [f"Measured on {_machine_line(machine)}{' (quick smoke run)' if config['quick'] else ''}.", '']
-    for name, df in results.items(): md += [f'### {_TITLES[name]}', '', _markdown(df), '']
+    for name, df in results.items():
+        md += [f'### {_TITLES[name]}', '', _markdown(df), '']
+        if name == 'overhead': md += [noise_note(df), '']
     (out / 'bench.md').write_text('\n'.join(md))
+
+
+def noise_note(overhead):
+    "What the A/A repeat says about how finely this run resolves a ratio."
+    aa = overhead.set_index('variant').loc['plain (A/A repeat)']
+    return (f"Noise floor: the plain fit against itself (A/A) gave {aa['ratio']:.3f}x, spread "
+            f"{aa['ratio_min']:.3f}-{aa['ratio_max']:.3f}x over rounds; ratios closer to 1 than that are "
+            f"not resolved by this run (cpu_ratio: the same from process CPU time).")
 
 
 def print_results(results, machine, config):
     print(f"fastai-l5 bench{' --quick' if config['quick'] else ''}: {_machine_line(machine)}")
     for name, df in results.items():
         print(f"\n{_TITLES[name]}\n{format_table(df)}")
+        if name == 'overhead': print(noise_note(df))
     missed = sum(int((df['status'] == 'MISSED').sum()) for df in results.values())
     checked = sum(int(df['status'].isin(['ok', 'MISSED']).sum()) for df in results.values())
     print(f"\n{checked - missed} of {checked} targets met"
