@@ -19,6 +19,8 @@ import math
 
 import torch
 from fastai.optimizer import OptimWrapper
+from fastai.torch_core import rank_distrib
+from torch import nn
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
@@ -44,7 +46,8 @@ def _first(state, names):
 
 
 def _module_names(model):
-    "Dict `id(param) -> name of the module owning it`, frozen parameters included."
+    "Dict `id(param) -> name of the module owning it`, frozen parameters included, names as outside DDP."
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
     return {id(p): name for name, mod in model.named_modules() for p in mod.parameters(recurse=False)}
 
 
@@ -80,7 +83,8 @@ class MomentumLogger(StepCallback):
     `OptimWrapper(torch.optim.SGD/Adam/AdamW/RMSprop)` (`momentum_buffer`, `exp_avg`, `exp_avg_sq`,
     `square_avg`). All reductions are multi-tensor kernels kept on the parameters' device; results go
     to the host in blocks of `flush_every` steps. The history survives `validate`/`get_preds` and further
-    fits (steps keep counting), and is left out of `learn.export()`. `learn.epoch` is fastai's epoch within
+    fits (steps keep counting), and is left out of `learn.export()`. Under DDP only rank 0 logs (the
+    gradients are the ranks' average by then), naming layers as the unwrapped model does. `learn.epoch` is fastai's epoch within
     the fit. The progress table gains the epoch means of `cos_mom_grad` and `sign_flip` (as `mom_cos`,
     `mom_flip`). With `path`, rows are also appended to that CSV file as training goes (`keep=False`: only
     there, and `.df` reads it back).
@@ -95,6 +99,7 @@ class MomentumLogger(StepCallback):
             raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
         if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
         store_attr()
+        if rank_distrib() != 0: self.path, self.keep = None, True  # other ranks log nothing and leave the file alone
         self._init_state()
 
     def __setstate__(self, state):
@@ -115,7 +120,7 @@ class MomentumLogger(StepCallback):
     def before_step(self):
         "Snapshot p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
         self._snapped = False
-        if (self.n_step + 1) % self.every: return
+        if (self.n_step + 1) % self.every or rank_distrib() != 0: return  # under DDP, rank 0 keeps the log
         ps = [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
         key = tuple(map(id, ps))
