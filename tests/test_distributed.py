@@ -36,12 +36,7 @@ def test_two_ranks_train_in_step(ranks):
     assert 'sync_bn=False' in r0['sync_bn_error']
 
 
-def _not_yet(what):
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"{what} (reported to the lead; remove this mark once fixed)")
-
-
-LOGS = [pytest.param('momentum', marks=_not_yet("MomentumLogger logs on every rank")),
-        'dropout', 'bn']
+LOGS = ['momentum', 'dropout', 'bn']
 
 
 @pytest.mark.parametrize('key', LOGS)
@@ -51,7 +46,7 @@ def test_logs_kept_on_rank0_only(ranks, key):
     assert len(r1[key]) == 0, f"rank 1 kept {len(r1[key])} rows of {key} logs"
 
 
-NAMED = [pytest.param('momentum', marks=_not_yet("MomentumLogger names layers `module.…` inside DDP")), 'dropout', 'bn']
+NAMED = ['momentum', 'dropout', 'bn']
 
 
 @pytest.mark.parametrize('key', NAMED)

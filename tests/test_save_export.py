@@ -147,8 +147,6 @@ def test_streamed_log_holds_bounded_memory(tmp_path):
     assert on_disk.step.iloc[-1] == 800 and on_disk.layer.iloc[-1] == 'layers.8.0'
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="the callbacks do not take a stream path yet (reported to the lead): "
-                   "each should pass `path=`/`keep=` to its LogTable")
 def test_callbacks_stream_logs_to_disk(dls, tmp_path):
     paths = {n: tmp_path / f'{n}.csv' for n in ('mom', 'drop', 'bn')}
     cbs = [MomentumLogger(path=paths['mom'], keep=False), DropoutSchedule(0.1, path=paths['drop'], keep=False),
