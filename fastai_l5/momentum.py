@@ -16,6 +16,7 @@ NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they r
 from __future__ import annotations
 
 import math
+from itertools import groupby
 
 import torch
 from fastai.optimizer import OptimWrapper
@@ -70,9 +71,26 @@ class _Plan:
         self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_m, numel[self.m_idx])
         self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_v, numel[self.v_idx])
         self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
-        # where each per-parameter value of `_stats` goes in the flattened (7, n_layers) table of sums
+        # where each per-parameter value of `_sums` goes in the flattened (7, n_layers) table of sums
         self.flat_idx = torch.cat([self.idx, self.idx + n_layers, self.idx + 2 * n_layers, self.idx_m + 3 * n_layers,
                                    self.idx_m + 4 * n_layers, self.idx_m + 5 * n_layers, self.idx_v + 6 * n_layers])
+
+
+class _Step:
+    "What a logged step carries from `before_step` to `after_step`: kept off the `Callback`, whose setattr is slow."
+    snapped, ps = False, None
+
+
+def _derive(sums, numel_m, numel_v, nan_if_no_m):
+    """The `_STATS` rows from per-layer sums (Σg², Σ(Δp)², Σp², Σm², Σg·m, −#{g·m < 0}, Σv), one column per
+    (step, layer), with the matching counts of entries that have a first and a second moment."""
+    gg, dd, pp, mm, dot, minus_neg, v_sum = sums
+    grad_norm, update_norm, param_norm = gg.sqrt(), dd.sqrt(), pp.sqrt()
+    mom_norm = mm.sqrt() * nan_if_no_m
+    # a NaN or inf product would not count as a flip: such layers get NaN (0·inf = NaN) instead
+    sign_flip = minus_neg / -numel_m + dot * 0
+    return torch.stack([grad_norm, mom_norm, dot / (grad_norm * mom_norm), sign_flip, update_norm, param_norm,
+                        update_norm / param_norm, (v_sum / numel_v).sqrt()])
 
 
 class MomentumLogger(StepCallback):
@@ -92,7 +110,7 @@ class MomentumLogger(StepCallback):
     Cost: a workspace as big as the model while fitting, and about a dozen multi-tensor passes over the
     parameters, gradients and moments per logged step; `every=k` divides that by k."""
     epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
-    _stateattrs = ('table', '_pending', '_epoch_stats', '_snap', '_snap_key', '_plan', '_plan_key', '_ps')
+    _stateattrs = ('table', '_pending', '_epoch_stats', '_snap', '_snap_key', '_plan', '_plan_key', '_step')
 
     def __init__(self, every=1, path=None, keep=True, flush_every=32):
         if not isinstance(every, int) or every < 1:
@@ -110,8 +128,8 @@ class MomentumLogger(StepCallback):
         super()._init_state()
         self.table = LogTable(_COLUMNS, path=getattr(self, 'path', None), keep=getattr(self, 'keep', True))
         self._pending, self._epoch_stats = [], []
-        self._snap = self._snap_key = self._plan = self._plan_key = self._ps = None
-        self._snapped = False
+        self._snap = self._snap_key = self._plan = self._plan_key = None
+        self._step = _Step()
 
     # ---- events
     def before_epoch(self): self._epoch_stats = []
@@ -119,23 +137,25 @@ class MomentumLogger(StepCallback):
     @torch.no_grad()
     def before_step(self):
         "Snapshot p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
-        self._snapped = False
+        step = self._step
+        step.snapped = False
         if (self.n_step + 1) % self.every or rank_distrib() != 0: return  # under DDP, rank 0 keeps the log
         ps = [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
         key = tuple(map(id, ps))
         if key != self._snap_key: self._snap, self._snap_key = [torch.empty_like(p, requires_grad=False) for p in ps], key
         torch._foreach_copy_(self._snap, ps)
-        self._ps, self._snapped = ps, True
+        step.ps, step.snapped = ps, True
 
     @torch.no_grad()
     def after_step(self):
-        ran, snapped, self._snapped = self.count_step(), self._snapped, False
+        ran, step = self.count_step(), self._step
+        snapped, step.snapped = step.snapped, False
         if not (ran and snapped): return
         opt = self.learn.opt
         names = _TORCH_NAMES if isinstance(opt, OptimWrapper) else _FASTAI_NAMES
         states = opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
-        ps = self._ps
+        ps = step.ps
         ms, vs = [], []
         for p in ps:
             st = states.get(p) or {}
@@ -144,28 +164,30 @@ class MomentumLogger(StepCallback):
         if (self._snap_key, has_m, has_v) != self._plan_key:
             self._plan, self._plan_key = _Plan(self.learn.model, opt, ps, has_m, has_v), (self._snap_key, has_m, has_v)
         plan = self._plan
-        stats = self._stats(plan, ps, [p.grad for p in ps], [m for m in ms if m is not None],
-                            [v for v in vs if v is not None])
-        hypers = opt.hypers
-        beta = [float(hypers[g].get('mom', math.nan)) for g in plan.layer_group]
-        self._pending.append((self.n_step, self.learn.epoch, plan.layers, beta, stats))
-        self._epoch_stats.append(stats)
+        sums = self._sums(plan, ps, [p.grad for p in ps], [m for m in ms if m is not None],
+                          [v for v in vs if v is not None])
+        # the statistics are derived from the sums in blocks, when the rows are drained
+        entry = (self.n_step, self.learn.epoch, plan, [float(h.get('mom', math.nan)) for h in opt.hypers], sums)
+        self._pending.append(entry)
+        self._epoch_stats.append(entry)
         if len(self._pending) >= self.flush_every: self._drain()
 
     def after_fit(self):
         super().after_fit()
         self._drain()
         # the workspace is as big as the model: free it between fits
-        self._snap = self._snap_key = self._plan = self._plan_key = self._ps = None
+        self._snap = self._snap_key = self._plan = self._plan_key = None
+        self._step.ps = None
 
     # ---- the math
-    def _stats(self, plan, ps, gs, ms, vs):
-        """(len(_STATS), n_layers) tensor on the parameters' device, with no host sync. Per parameter tensor:
-        ‖g‖², ‖Δp‖², ‖p‖², ‖m‖², Σ g·m, −#{g·m < 0}, Σ v; then one `index_add` sums them per layer."""
+    def _sums(self, plan, ps, gs, ms, vs):
+        """(7, n_layers) per-layer Σg², Σ(Δp)², Σp², Σm², Σg·m, −#{g·m < 0}, Σv on the parameters' device, with
+        no host sync. Per parameter tensor: ‖g‖², ‖Δp‖², ‖p‖², ‖m‖², Σg·m, −#{g·m < 0}, Σv; then one `index_add`
+        sums them per layer. The statistics are derived from these sums in blocks (`_stats`), off the hot path."""
         snap, n = self._snap, len(plan.layers)
         torch._foreach_sub_(snap, ps)  # snap = p_before - p_after = -Δp
-        norms = torch._foreach_norm(gs + snap + ps + ms)
-        scalars = list(norms)
+        scalars = list(torch._foreach_norm(gs + snap + ps + ms))
+        n_sq = len(scalars)
         if ms:
             # the workspace now holds g·m, entry by entry, for the parameters that have a moment
             every_m = len(ms) == len(ps)
@@ -178,27 +200,30 @@ class MomentumLogger(StepCallback):
             scalars += [t.sum() for t in w]
         scalars += [t.sum() for t in vs]
         per_param = torch.stack(scalars).float()
-        per_param[:len(norms)].square_()
-        sums = torch.zeros(7 * n, device=plan.idx.device).index_add_(0, plan.flat_idx, per_param).view(7, n)
-        grad_norm, update_norm, param_norm, mom_norm = sums[:4].sqrt().unbind(0)
-        dot, minus_neg, v_sum = sums[4:].unbind(0)
-        mom_norm = mom_norm * plan.nan_if_no_m
-        # a NaN or inf product would not count as a flip: such layers get NaN (0·inf = NaN) instead
-        sign_flip = minus_neg / -plan.numel_m + dot * 0
-        return torch.stack([grad_norm, mom_norm, dot / (grad_norm * mom_norm), sign_flip, update_norm, param_norm,
-                            update_norm / param_norm, (v_sum / plan.numel_v).sqrt()])
+        per_param[:n_sq].square_()
+        return torch.zeros(7 * n, device=per_param.device).index_add_(0, plan.flat_idx, per_param).view(7, n)
 
     # ---- the log
+    @staticmethod
+    def _stats(entries):
+        "The `_STATS` rows, one column per (step, layer) of `entries`, from their per-layer sums."
+        blocks = []
+        for plan, group in groupby(entries, key=lambda e: e[2]):
+            sums = [e[-1] for e in group]
+            k = len(sums)
+            blocks.append(_derive(torch.cat(sums, 1), plan.numel_m.repeat(k), plan.numel_v.repeat(k),
+                                  plan.nan_if_no_m.repeat(k)))
+        return torch.cat(blocks, 1)
+
     def _drain(self):
         "Move the pending steps into the table as one tensor block per column."
         if not self._pending: return
         pending, self._pending = self._pending, []
-        block = torch.cat([s for *_, s in pending], 1)  # (n_stats, rows)
-        cols = dict(zip(_STATS, block.unbind(0)))
-        self.table.append(step=[s for s, _, layers, *_ in pending for _ in layers],
-                          epoch=[e for _, e, layers, *_ in pending for _ in layers],
-                          layer=[l for _, _, layers, *_ in pending for l in layers],
-                          beta=[b for *_, beta, _ in pending for b in beta], **cols)
+        cols = dict(zip(_STATS, self._stats(pending).unbind(0)))
+        self.table.append(step=[s for s, _, plan, *_ in pending for _ in plan.layers],
+                          epoch=[e for _, e, plan, *_ in pending for _ in plan.layers],
+                          layer=[l for _, _, plan, *_ in pending for l in plan.layers],
+                          beta=[float(betas[g]) for _, _, plan, betas, _ in pending for g in plan.layer_group], **cols)
         self.table.flush()
 
     @property
@@ -210,7 +235,7 @@ class MomentumLogger(StepCallback):
 
     def _epoch_mean(self, row):
         if not self._epoch_stats: return math.nan
-        return torch.cat([s[row] for s in self._epoch_stats]).nanmean().item()
+        return self._stats(self._epoch_stats)[row].nanmean().item()
 
     def _epoch_cos(self): return self._epoch_mean(_STATS.index('cos_mom_grad'))
     def _epoch_flip(self): return self._epoch_mean(_STATS.index('sign_flip'))
