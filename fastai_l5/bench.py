@@ -110,7 +110,8 @@ def machine_info():
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             if line.startswith('model name'): cpu = line.split(':', 1)[1].strip(); break
     except OSError: pass
-    try: commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+    # `-dirty` when the checkout has uncommitted changes: then the commit alone does not name the code measured
+    try: commit = subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=7'], capture_output=True, text=True,
                                  cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except Exception: commit = None
     return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
@@ -535,8 +536,8 @@ def _run(cfg, quick, out):
                    scaling=scaling_section(cfg, dls, times, learners))
     machine.update(load_avg_end=_load(), total_s=round(time.perf_counter() - start, 1))
     config = dict(cfg, quick=quick, flights_rows=len(dls.train_ds) + len(dls.valid_ds))
+    write_results(results, machine, config, out)   # files first: a closed stdout pipe must not lose them
     print_results(results, machine, config)
-    write_results(results, machine, config, out)
     _log(f"done in {machine['total_s']:.0f} s; wrote {Path(out).resolve()}")
     return results
 
