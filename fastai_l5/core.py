@@ -125,15 +125,17 @@ class StepCallback(Callback):
     # Recorder (50), whose before_fit reads the metric names
     order, n_step, epoch_columns = 40, 0, {}
 
+    # These run every step: they write `__dict__` directly, skipping `Callback.__setattr__`'s
+    # check for shadowed Learner attributes (names here are ours alone).
     def count_step(self):
         "Call once in `after_step`: True, and `n_step` advanced, if the optimizer really stepped."
-        ran = not getattr(self, '_step_cancelled', False)
-        self._step_cancelled = False
-        if ran: self.n_step += 1
+        ran = not self.__dict__.get('_step_cancelled', False)
+        self.__dict__['_step_cancelled'] = False
+        if ran: self.__dict__['n_step'] = self.n_step + 1
         return ran
 
-    def after_backward(self): self._step_cancelled = False
-    def after_cancel_step(self): self._step_cancelled = True
+    def after_backward(self): self.__dict__['_step_cancelled'] = False
+    def after_cancel_step(self): self.__dict__['_step_cancelled'] = True
 
     def before_fit(self):
         self._epoch_value_metrics = L()
