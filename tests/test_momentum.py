@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fastai.callback.core import Callback, CancelFitException, CancelStepException
+from fastai.callback.core import Callback, CancelFitException
 import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle onto Learner)
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_learner
@@ -17,6 +17,7 @@ from fastai.torch_core import params, set_seed
 from matplotlib.figure import Figure
 
 from fastai_l5.all import *
+from helpers import SkipEvery
 
 warnings.filterwarnings('ignore', category=UserWarning)
 
@@ -208,18 +209,9 @@ def test_gradient_accumulation_logs_real_steps_only(dls):
     assert_matches(df, rec)
 
 
-class SkipSomeSteps(Callback):
-    "Cancels every third step in before_step at MixedPrecision's order, as an overflow would."
-    order = 10
-    def __init__(self): self.i = 0
-    def before_step(self):
-        self.i += 1
-        if self.i % 3 == 0: raise CancelStepException()
-
-
 def test_skipped_steps_are_not_steps(dls):
     rec = RecordSteps(('grad_avg',), ('sqr_avg',))
-    learn = make_learn(dls, cbs=[MomentumLogger(), rec, SkipSomeSteps()])
+    learn = make_learn(dls, cbs=[MomentumLogger(), rec, SkipEvery(3)])
     learn.fit(1, 1e-2)
     n = len(dls.train)
     assert learn.momentum_logger.n_step == rec.n == n - n // 3
