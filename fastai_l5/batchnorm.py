@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import LogTable, StepCallback
+from .core import LogTable, StepCallback, rank0_log, unwrap_model
 
 __all__ = ['BNDrift', 'precise_bn', 'bn_shift', 'bn_layers']
 
@@ -30,17 +30,11 @@ __all__ = ['BNDrift', 'precise_bn', 'bn_shift', 'bn_layers']
 # ---------------------------------------------------------------------------------------------
 # Finding BN layers
 
-def _unwrap(model):
-    "The module inside `DistributedDataParallel`/`DataParallel` wrappers, so layer names read the same on every rank."
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-    return model
-
-
 def bn_layers(model):
     """`L` of `(name, module)` for every BN layer (`torch.nn.modules.batchnorm._BatchNorm`, so
     `SyncBatchNorm` too) of `model` that keeps running statistics, in `named_modules()` order. Looked up
     afresh on each call: `DistributedTrainer` swaps module objects at `before_fit`."""
-    return L((name, m) for name, m in _unwrap(model).named_modules()
+    return L((name, m) for name, m in unwrap_model(model).named_modules()
              if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None)
 
 
@@ -266,7 +260,7 @@ def precise_bn(learn, n_batches=200, dl=None, dropout=True):
     with torch.no_grad():
         mean_r, var_r = _flat_stats(mods)
         with _preserved_rng(dl):
-            mean_p, var_p = _population_stats(_unwrap(learn.model), mods, _batches(learn, dl, n_batches), dropout)
+            mean_p, var_p = _population_stats(unwrap_model(learn.model), mods, _batches(learn, dl, n_batches), dropout)
         gaps = _gaps(mods, mean_r, var_r, mean_p, var_p)
         _set_stats(mods, mean_p, var_p)
     return pd.DataFrame({'layer': list(names), 'mean_gap': gaps[0], 'var_gap': gaps[1]})
@@ -358,8 +352,7 @@ class BNDrift(StepCallback):
     def __init__(self, every=1, precise_every=None, precise_batches=50, path=None, keep=True):
         super().__init__()
         self._init_state()  # fastai's Callback.__init__ does not reach Stateful's
-        if path is not None and rank_distrib() == 0:  # other ranks log nothing: they must not truncate the file
-            self._log = LogTable(self._log.columns, path=path, keep=keep)
+        self._log = rank0_log(self._log.columns, path=path, keep=keep)
         self.every = _check_count('every', every)
         self.precise_every = None if precise_every is None else _check_count('precise_every', precise_every)
         self.precise_batches = _check_count('precise_batches', precise_batches)
@@ -449,7 +442,7 @@ class BNDrift(StepCallback):
         self._valid_sum, self._valid_n = 0., 0
         if not self._measured: return
         mods = self._plan.mods
-        model, train_dl = _unwrap(self.learn.model), self.learn.dls.train
+        model, train_dl = unwrap_model(self.learn.model), self.learn.dls.train
         # the same count on every rank, or one would wait forever in the pooling all-reduce
         n = _all_min(min(self.precise_batches, len(train_dl)), mods[0].running_mean.device)
         if n == 0: self._measured = False; return   # no training batch to measure with
@@ -579,7 +572,7 @@ def bn_shift(learn, df, threshold=3.):
 
     Raises `ValueError` for a model without `bn_cont`, or `df` missing one of the model's continuous
     columns (or holding non-numbers there)."""
-    model = _unwrap(learn.model)
+    model = unwrap_model(learn.model)
     bn = getattr(model, 'bn_cont', None)
     if not isinstance(bn, _BatchNorm) or bn.running_mean is None:
         raise ValueError("bn_shift reads what the model's `bn_cont` BatchNorm learned, and this model has none: "

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from fastai.callback.core import Callback
-from fastai.learner import ValueMetric, noop  # this `noop` is the one `Learner.no_logging` installs
+from fastai.learner import ValueMetric, noop
+from fastai.torch_core import rank_distrib  # this `noop` is the one `Learner.no_logging` installs
 from fastcore.foundation import L
 from matplotlib.figure import Figure
 
-__all__ = ['StepCallback', 'LogTable', 'layer_params', 'param_layer_names', 'plot_per_layer',
+__all__ = ['StepCallback', 'LogTable', 'rank0_log', 'unwrap_model', 'layer_params', 'param_layer_names', 'plot_per_layer',
            'check_in_range']
 
 
@@ -28,10 +30,16 @@ def check_in_range(name, value, lo=0., hi=1., lo_open=False, hi_open=True):
     return value
 
 
+def unwrap_model(model):
+    "The module inside `DistributedDataParallel`/`DataParallel` wrappers, so layer names read the same on every rank."
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+    return model
+
+
 def layer_params(model):
-    "`L` of `(layer, param_name, param)` for every trainable parameter, `layer` being the owning module's path."
+    "`L` of `(layer, param_name, param)` for every trainable parameter, `layer` being the owning module's path (outside DDP)."
     return L((layer, f'{layer}.{pname}' if layer else pname, p)
-             for layer, mod in model.named_modules()
+             for layer, mod in unwrap_model(model).named_modules()
              for pname, p in mod.named_parameters(recurse=False) if p.requires_grad)
 
 
@@ -49,6 +57,7 @@ class LogTable:
     at most the unflushed rows); with `keep=False` too, memory holds only the unflushed rows and
     `.df` reads the file back."""
     def __init__(self, columns, path=None, keep=True, flush_every=64):
+        if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
         self.columns, self.path, self.keep, self.flush_every = list(columns), path, keep, flush_every
         self.clear()
 
@@ -91,6 +100,13 @@ class LogTable:
     def nbytes(self):
         "Bytes held in memory by the flushed rows."
         return sum(a.nbytes for b in self._blocks for a in b.values())
+
+
+def rank0_log(columns, path=None, keep=True, **kwargs):
+    """A `LogTable` that only rank 0 streams to `path`: under `torch.distributed` the other processes keep
+    theirs in memory (and log nothing into it), so they never truncate or write the file."""
+    if rank_distrib() != 0 and path is not None: path, keep = None, True
+    return LogTable(columns, path=path, keep=keep, **kwargs)
 
 
 def _is_seq(v):

@@ -11,10 +11,9 @@ import numpy as np
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
-from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from .core import LogTable, StepCallback, check_in_range, plot_per_layer
+from .core import LogTable, StepCallback, check_in_range, plot_per_layer, rank0_log, unwrap_model
 
 __all__ = ['DropoutSchedule', 'early_dropout', 'late_dropout', 'curriculum_dropout', 'fastai_ps',
            'dropout_layers']
@@ -28,8 +27,7 @@ def dropout_layers(model):
     """`{name: module}` for every dropout module of `model` (`nn.Dropout` and its siblings `Dropout1d/2d/3d`,
     `AlphaDropout`, ...), in `model.named_modules()` order; a `DistributedDataParallel` wrapper is looked through
     so names read as in the bare model (`emb_drop`, `layers.0.3`)."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
-    return {name: m for name, m in model.named_modules() if isinstance(m, _DropoutNd)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, _DropoutNd)}
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -146,7 +144,7 @@ class DropoutSchedule(StepCallback):
         _check_shape(scheds)
         self.scheds = scheds
         self._init_state()
-        self._table = LogTable(_COLUMNS, path=path, keep=keep)
+        self._table = rank0_log(_COLUMNS, path=path, keep=keep)
 
     def _init_state(self):
         "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."

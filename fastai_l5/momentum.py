@@ -21,11 +21,9 @@ from itertools import groupby
 import torch
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
-from torch import nn
 from fastcore.basics import store_attr
-from fastcore.foundation import L
 
-from .core import LogTable, StepCallback, plot_per_layer
+from .core import StepCallback, plot_per_layer, rank0_log, unwrap_model
 
 __all__ = ['MomentumLogger']
 
@@ -48,8 +46,7 @@ def _first(state, names):
 
 def _module_names(model):
     "Dict `id(param) -> name of the module owning it`, frozen parameters included, names as outside DDP."
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
-    return {id(p): name for name, mod in model.named_modules() for p in mod.parameters(recurse=False)}
+    return {id(p): name for name, mod in unwrap_model(model).named_modules() for p in mod.parameters(recurse=False)}
 
 
 class _Plan:
@@ -115,9 +112,7 @@ class MomentumLogger(StepCallback):
     def __init__(self, every=1, path=None, keep=True, flush_every=32):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
-        if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
         store_attr()
-        if rank_distrib() != 0: self.path, self.keep = None, True  # other ranks log nothing and leave the file alone
         self._init_state()
 
     def __setstate__(self, state):
@@ -126,7 +121,7 @@ class MomentumLogger(StepCallback):
 
     def _init_state(self):
         super()._init_state()
-        self.table = LogTable(_COLUMNS, path=getattr(self, 'path', None), keep=getattr(self, 'keep', True))
+        self.table = rank0_log(_COLUMNS, path=getattr(self, 'path', None), keep=getattr(self, 'keep', True))
         self._pending, self._epoch_stats = [], []
         self._snap = self._snap_key = self._plan = self._plan_key = None
         self._step = _Step()

@@ -3,7 +3,6 @@ import re
 import subprocess
 import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pandas as pd
 import pytest

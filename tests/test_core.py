@@ -6,7 +6,7 @@ import torch
 from fastai.tabular.all import tabular_learner
 from matplotlib.figure import Figure
 
-from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer
+from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
 from fastai_l5.data import example_dls
 from helpers import SkipEvery
 
@@ -36,6 +36,25 @@ def test_logtable_streams_to_csv(tmp_path):
     on_disk = pd.read_csv(path)
     assert on_disk.step.tolist() == [0, 1, 2]
     pd.testing.assert_frame_equal(t.df, on_disk)
+    with pytest.raises(ValueError, match='keep=False needs a `path`'): LogTable(['x'], keep=False)
+
+
+def test_rank0_log_streams_on_rank0_only(tmp_path, monkeypatch):
+    import fastai_l5.core as core
+    path = tmp_path / 'log.csv'
+    assert rank0_log(['x'], path=path, keep=False).path == path and path.exists()
+    path.unlink()
+    monkeypatch.setattr(core, 'rank_distrib', lambda: 1)
+    other = rank0_log(['x'], path=path, keep=False)
+    assert other.path is None and other.keep and not path.exists()  # never touches rank 0's file
+    with pytest.raises(ValueError, match='keep=False needs a `path`'): rank0_log(['x'], keep=False)
+
+
+def test_unwrap_model_looks_through_data_parallel(dls):
+    model = tabular_learner(dls, layers=[8]).model
+    wrapped = torch.nn.DataParallel(model)
+    assert unwrap_model(wrapped) is model and unwrap_model(model) is model
+    assert [l for l, _, _ in layer_params(wrapped)] == [l for l, _, _ in layer_params(model)]
 
 
 def test_check_in_range_names_argument():
