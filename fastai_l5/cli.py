@@ -63,7 +63,8 @@ def _summary(learn, path, name):
     names = rec.metric_names[1:len(rec.values[-1]) + 1] if rec.values else []
     final = ', '.join(f'{n}={v:.4f}' for n, v in zip(names, rec.values[-1])) if rec.values else 'no epoch finished'
     lines = [f"fastai_l5 {name}: {final}"]
-    for attr in ('momentum_logger', 'dropout_schedule', 'bn_drift'):
+    from .report import SECTIONS
+    for attr, _, _ in SECTIONS:
         cb = getattr(learn, attr, None)
         if cb is not None: lines.append(f"  {attr}: {len(cb.df):,} rows logged")
     lines.append(f"report: {Path(path).resolve()}")
