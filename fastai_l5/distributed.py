@@ -72,12 +72,11 @@ Learner.to_distributed._fastai_l5_original = _fastai_to_distributed
 
 
 def _failure_text(out, n=4000):
-    """The ranks' own errors in torchrun's output: their `[rankN]:` lines, else from the first traceback
-    (torchrun's summary of which rank failed comes after), else the end of `out`."""
+    """The ranks' own errors in torchrun's output: their `[rankN]:` lines (a Python exception), else the end of
+    `out`, where a rank that died in native code (a C++ abort prints no traceback) left its last words just
+    before torchrun's own traceback and summary of which rank failed."""
     ranks = [l for l in out.splitlines() if l.startswith('[rank')]
-    if ranks: return '\n'.join(ranks)[-n:]
-    i = out.find('Traceback (most recent call last)')
-    return out[i:i + n] if i >= 0 else out[-n:]
+    return '\n'.join(ranks)[-n:] if ranks else out[-n:]
 
 
 def _stop(proc, grace=20):

@@ -32,6 +32,9 @@ def main(out):
                    fits=outcome(lambda: precise_bn(learn, n_batches=3, dl=mine)))
     res['buffers'] = {k: v.clone() for k, v in learn.model.state_dict().items() if 'running_' in k}
     torch.save(res, Path(out) / f'rank{rank}.pt')
+    # leave together and close the group: a rank exiting with gloo's threads still up aborts now and then
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__': main(sys.argv[1])

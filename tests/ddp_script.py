@@ -97,6 +97,7 @@ def main(out):
                precise=precise, sync_bn_error=sync_bn_error, recorder=list(learn.recorder.values))
     torch.save(res, out / f'rank{rank}.pt')
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # exiting with gloo's threads up aborts now and then
 
 
 if __name__ == '__main__': main(sys.argv[1])

@@ -148,6 +148,15 @@ def test_launch_cpu_reports_the_failing_rank(tmp_path):
     assert launch_cpu(script, check=False).returncode == 1
 
 
+def test_launch_cpu_reports_a_native_crash(tmp_path):
+    "A rank that aborts in native code prints no Python traceback: its last words still reach the error."
+    script = tmp_path / 'abort.py'
+    script.write_text("import os, sys\nif os.environ['RANK'] == '1':\n"
+                      "    sys.stderr.write('terminate called without an active exception\\n'); sys.stderr.flush(); os.abort()\n")
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*terminate called without an active exception.*SIGABRT"):
+        launch_cpu(script)
+
+
 def test_launch_cpu_stops_a_deadlock(tmp_path):
     "Rank 0 waits in a barrier that rank 1 never reaches: the run is stopped, with every process it started."
     import time
