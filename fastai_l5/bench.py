@@ -58,12 +58,12 @@ __all__ = ['bench']
 SECTIONS = ('overhead', 'optimizer', 'precise_bn', 'memory', 'scaling')
 
 FULL = dict(n_rows=None, bs=1024, layers=[400, 200], p=0.1, rounds=5, warmup=1,
-            deep_layers=[256] * 20, opt_rounds=9, opt_steps=50, opt_warmup=5,
+            deep_depth=20, deep_widths=[64, 256], opt_rounds=9, opt_steps=50, opt_warmup=5,
             pbn_batches=100, pbn_rounds=5,
             scale_rows=40_000, widths=[[200, 100], [400, 200], [800, 400], [1600, 800]],
             row_counts=[10_000, 40_000], scale_rounds=3, scale_warmup=1)
 QUICK = dict(n_rows=3_000, bs=256, layers=[40, 20], p=0.1, rounds=1, warmup=0,
-             deep_layers=[16] * 20, opt_rounds=2, opt_steps=5, opt_warmup=1,
+             deep_depth=20, deep_widths=[16], opt_rounds=2, opt_steps=5, opt_warmup=1,
              pbn_batches=5, pbn_rounds=1,
              scale_rows=1_500, widths=[[20, 10]],
              row_counts=[1_500], scale_rounds=1, scale_warmup=0)
@@ -525,10 +525,11 @@ def _run(cfg, quick, out):
     dls = example_dls('flights', bs=cfg['bs'], n_rows=cfg['n_rows'])
     learners = {}
     overhead, times = overhead_section(dls, cfg, learners)
-    deep = _learner(dls, cfg['deep_layers'], cfg['p']).model
-    n_deep = sum(1 for p in deep.parameters() if p.requires_grad)
-    models = {f"deep {len(cfg['deep_layers'])}x{cfg['deep_layers'][0]} ({n_deep} tensors)": deep,
-              f"flights {cfg['layers']}": learners['plain'].model}
+    models = {f"flights {cfg['layers']}": learners['plain'].model}
+    for width in cfg['deep_widths']:  # many tensors: narrow ones show per-tensor overhead, wide ones memory traffic
+        deep = _learner(dls, [width] * cfg['deep_depth'], cfg['p']).model
+        n_deep = sum(1 for p in deep.parameters() if p.requires_grad)
+        models[f"deep {cfg['deep_depth']}x{width} ({n_deep} tensors)"] = deep
     results = dict(overhead=overhead,
                    optimizer=optimizer_section(models, cfg),
                    precise_bn=precise_bn_section(learners['plain'], cfg),

@@ -1,5 +1,6 @@
-"""Momentum SGD, RMSProp and Adam as fastai `Optimizer`s whose step runs torch's multi-tensor
-(`torch._foreach_*`) kernels, `opt_state` to read any optimizer's per-parameter state as a table, and
+"""Momentum SGD, RMSProp and Adam as fastai `Optimizer`s whose step runs torch's multi-tensor kernels
+(its fused optimizer kernels, one pass over each tensor, where they compute the same update, and
+`torch._foreach_*` kernels otherwise), `opt_state` to read any optimizer's per-parameter state as a table, and
 the EWMA arithmetic of lesson 5 as small teaching helpers.
 
 The lecture's momentum is an exponentially weighted moving average (EWMA) of the gradients:
@@ -68,20 +69,40 @@ def _check_hypers(**hypers):
         for o in L(v, use_list=None): check_in_range(k, o, **_HYPER_RANGES[k])
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable_tensors(ps, grads):
+    """Whether torch's fused optimizer kernels take these tensors (one dtype and device, as in a bucket): contiguous
+    floats on the CPU or a CUDA device. (The CPU kernels read raw memory, so a strided tensor would be misread.)"""
+    return (ps[0].dtype in _FUSED_DTYPES and ps[0].device.type in ('cpu', 'cuda')
+            and all(map(torch.Tensor.is_contiguous, ps)) and all(map(torch.Tensor.is_contiguous, grads)))
+
+
+def _step_tensors(step, ps):
+    "The per-parameter step counts torch's fused Adam kernel reads: one shared float tensor on the parameters' device."
+    return [torch.full((), float(step), device=ps[0].device)] * len(ps)
+
+
 class ForeachOptimizer(Optimizer):
     """A fastai `Optimizer` (param groups, `freeze`/`unfreeze`, `set_hyper`, `ParamScheduler`,
     `learn.save(with_opt=True)`) whose `step` runs multi-tensor kernels. The parameters that have a
-    gradient are put in buckets that share hyper-parameters (across param groups), `do_wd` and step
-    count; each bucket is updated by `update` with one `torch._foreach_*` call per operation.
+    gradient are put in buckets that share hyper-parameters (across param groups), `do_wd`, step
+    count, device and dtype. With `fused=True` (the default) a bucket that torch's fused kernels can
+    update is stepped by `fused_update`, one pass over each tensor; any other bucket (or every bucket
+    with `fused=False`) by `update`, one `torch._foreach_*` call per operation. Both give the same
+    update, up to float rounding.
 
-    Subclasses set `state_keys` (the tensors kept per parameter, named as in fastai) and `update`.
-    The structural choices (`config`) are saved with the state, and `load_state_dict` refuses the
-    state of any other optimizer or configuration instead of loading part of it."""
+    Subclasses set `state_keys` (the tensors kept per parameter, named as in fastai), `update`, and
+    optionally `fused_update` with `_fusable`. The structural choices (`config`) are saved with the state,
+    and `load_state_dict` refuses the state of any other optimizer or configuration instead of loading
+    part of it."""
     state_keys = ()
 
-    def __init__(self, params, lr, decouple_wd=True, **hypers):
+    def __init__(self, params, lr, decouple_wd=True, fused=True, **hypers):
         _check_hypers(lr=lr, **hypers)
-        self.decouple_wd = decouple_wd
+        self.decouple_wd, self.fused = decouple_wd, fused
+        self._plan, self._plan_sig = [], None
         super().__init__(params, cbs=[], lr=lr, **hypers)
 
     @property
@@ -96,32 +117,53 @@ class ForeachOptimizer(Optimizer):
         super()._set_hyper(k, v)
 
     def _buckets(self):
-        "Dict `(hypers, do_wd, step) -> (params, grads, states)` of the parameters that have a gradient, `step` advanced."
+        """`[(hyper, do_wd, step, params, grads, states)]`: the parameters that have a gradient, split by shared
+        hyper-parameters (groups with equal hypers share a bucket), `do_wd`, step count, device and dtype, with each
+        `step` advanced. The split is cached (`_plan`), since making it costs about a microsecond per tensor: it is
+        made again when which parameters have a gradient, which groups share hypers, a `do_wd` flag or the state
+        itself (`clear_state`, `load_state_dict`, which `freeze`/`unfreeze` call) changes."""
+        hkeys = [tuple(h.items()) for h in self.hypers]
+        sig = (id(self.state), tuple(map(hkeys.index, hkeys)),
+               [p.grad is None for pg in self.param_lists for p in pg])
+        if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hkeys), sig
+        res = []
+        for gi, do_wd, ps, states in self._plan:
+            for st in states: st['step'] += 1
+            res.append((self.hypers[gi], do_wd, states[0]['step'], ps, [p.grad for p in ps], states))
+        return res
+
+    def _plan_flags_hold(self):
+        return all([st.get('do_wd', True) for st in states] == [do_wd] * len(states) for _, do_wd, _, states in self._plan)
+
+    def _make_plan(self, hkeys):
+        "`[(group index, do_wd, params, states)]` for `_buckets`, creating the state buffers (at zero, as fastai's) on the way."
         buckets = {}
-        for pg, hyper in zip(self.param_lists, self.hypers):
-            hkey = tuple(hyper.items())
+        for pg, hkey in zip(self.param_lists, hkeys):
             for p in pg:
                 if p.grad is None: continue
                 if p.grad.is_sparse:
                     raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
                 st = self.state[p]
-                st['step'] = step = st.get('step', 0) + 1
-                b = buckets.get(key := (hkey, st.get('do_wd', True), step))
-                if b is None: b = buckets[key] = ([], [], [])
-                b[0].append(p); b[1].append(p.grad); b[2].append(st)
-        return buckets
+                for k in self.state_keys:
+                    if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                key = (hkeys.index(hkey), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
+                ps, states = buckets.setdefault(key, ([], []))
+                ps.append(p); states.append(st)
+        return [(gi, do_wd, ps, states) for (gi, do_wd, *_), (ps, states) in buckets.items()]
+
+    def clear_state(self):
+        super().clear_state()
+        self._plan_sig = None
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None: raise NotImplementedError("fastai optimizers do not support a closure")
-        for (hkey, do_wd, step), (ps, grads, states) in self._buckets().items():
-            hyper = dict(hkey)
-            for k in self.state_keys:  # buffers start at zero, as fastai's do
-                for p, st in zip(ps, states):
-                    if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for hyper, do_wd, step, ps, grads, states in self._buckets():
             bufs = {k: [st[k] for st in states] for k in self.state_keys}
-            grads = self._decay(ps, grads, hyper['lr'], hyper.get('wd', 0.) if do_wd else 0.)
-            self.update(ps, grads, step=step, **bufs, **hyper)
+            wd = hyper.get('wd', 0.) if do_wd else 0.
+            if self.fused and _fusable_tensors(ps, grads) and self._fusable(**hyper):
+                self.fused_update(ps, grads, step=step, **bufs, **{**hyper, 'wd': wd})
+            else: self.update(ps, self._decay(ps, grads, hyper['lr'], wd), step=step, **bufs, **hyper)
 
     def _decay(self, ps, grads, lr, wd):
         "Weight decay: fastai's `p ← p·(1−lr·wd)` when `decouple_wd`, else L2 `g + wd·p` (a new list, `p.grad` untouched)."
@@ -131,8 +173,22 @@ class ForeachOptimizer(Optimizer):
             return grads
         return torch._foreach_add(grads, ps, alpha=wd)
 
+    def _fused_l2(self, ps, lr, wd):
+        "Weight decay before a fused kernel: applies decoupled decay `p ← p·(1−lr·wd)` here and returns 0, or returns the L2 coefficient for the kernel (which leaves `p.grad` untouched)."
+        if not self.decouple_wd: return wd
+        if wd: torch._foreach_mul_(ps, 1 - lr * wd)
+        return 0.
+
     def update(self, ps, grads, step, **kw):
-        "Update the tensors `ps` in place from `grads`; `kw` holds the hyper-parameters and the state lists."
+        "Update the tensors `ps` in place from `grads` (weight decay already applied); `kw` holds the hyper-parameters and the state lists."
+        raise NotImplementedError
+
+    def _fusable(self, **hyper):
+        "Whether `fused_update` computes this update for a bucket with these hyper-parameters."
+        return False
+
+    def fused_update(self, ps, grads, step, wd, **kw):
+        "`update` (weight decay `wd` included) with torch's fused kernels, one pass over each tensor."
         raise NotImplementedError
 
     def load_state_dict(self, sd):
@@ -144,7 +200,7 @@ class ForeachOptimizer(Optimizer):
             warn(str(e))
             raise
         params = self.all_params().itemgot(0)
-        self.hypers = L(dict(h) for h in hypers)
+        self.hypers, self._plan_sig = L(dict(h) for h in hypers), None
         self.state = defaultdict(dict, {p: {k: v.to(p.device, p.dtype) if isinstance(v, torch.Tensor) else v
                                             for k, v in st.items()} for p, st in zip(params, states)})
 
@@ -184,13 +240,14 @@ class ForeachSGD(ForeachOptimizer):
     window 1/(1−mom) follows it (and `debias` divides by 1−momᵗ with the current mom, as Adam does)."""
     state_keys = ('grad_avg',)
 
-    def __init__(self, params, lr, mom=0.9, wd=0., dampening=True, debias=False, nesterov=False, decouple_wd=True):
+    def __init__(self, params, lr, mom=0.9, wd=0., dampening=True, debias=False, nesterov=False, decouple_wd=True,
+                 fused=True):
         if nesterov and dampening:
             raise ValueError("nesterov=True needs dampening=False: Nesterov momentum is defined on PyTorch's heavy ball")
         if debias and not dampening:
             raise ValueError("debias=True needs dampening=True: the heavy-ball sum is not an average to debias")
         store_attr('dampening,debias,nesterov')
-        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, wd=wd)
+        super().__init__(params, lr, decouple_wd=decouple_wd, fused=fused, mom=mom, wd=wd)
 
     def _flags(self): return {**super()._flags(), **{k: getattr(self, k) for k in ('dampening', 'debias', 'nesterov')}}
 
@@ -200,7 +257,18 @@ class ForeachSGD(ForeachOptimizer):
             torch._foreach_mul_(grad_avg, mom)
             torch._foreach_add_(grad_avg, grads)
         direction = torch._foreach_add(grads, grad_avg, alpha=mom) if self.nesterov else grad_avg
-        torch._foreach_add_(ps, direction, alpha=-lr / (debias_factor(mom, step) if self.debias else 1.))
+        torch._foreach_add_(ps, direction, alpha=-lr * self._debias(mom, step))
+
+    def _debias(self, mom, step): return 1 / debias_factor(mom, step) if self.debias else 1.
+
+    def _fusable(self, mom, **_): return mom > 0  # with mom = 0 torch's kernel would not write grad_avg
+
+    def fused_update(self, ps, grads, step, grad_avg, lr, mom, wd, **_):
+        # torch's dampening d gives m ← mom·m + (1−d)·g: d = mom is the EWMA, d = 0 the heavy ball. The buffers
+        # start at zero, so the kernel's first-step copy of g (is_first_step) is never used.
+        torch._fused_sgd_(ps, grads, grad_avg, weight_decay=self._fused_l2(ps, lr, wd), momentum=mom,
+                          lr=lr * self._debias(mom, step), dampening=mom if self.dampening else 0.,
+                          nesterov=self.nesterov, maximize=False, is_first_step=False)
 
 
 class ForeachRMSProp(ForeachOptimizer):
@@ -208,11 +276,17 @@ class ForeachRMSProp(ForeachOptimizer):
     √sqr_avg + eps; `centered` first subtracts grad_mean², grad_mean being the EWMA of g with `sqr_mom`.
     Built with `mom > 0`, `grad_avg ← mom·grad_avg + g/(√sqr_avg + eps)` is stepped along (torch's
     `momentum_buffer`); built with `mom = 0` it keeps no momentum buffer and a scheduled `mom` is ignored,
-    as in fastai's `RMSProp`."""
-    def __init__(self, params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., centered=False, decouple_wd=True):
+    as in fastai's `RMSProp`.
+
+    The plain form (no momentum, not centered) is fused: torch's fused Adam kernel with β₁ = 0, whose first
+    moment is then g itself (kept in a scratch buffer per parameter, outside the saved state), and a step count
+    so large that both of Adam's bias corrections are exactly 1, leaves p ← p − lr·g/(√sqr_avg + eps)."""
+    def __init__(self, params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., centered=False, decouple_wd=True,
+                 fused=True):
         store_attr('centered'); self.momentum = mom > 0
         self.state_keys = ('sqr_avg',) + (('grad_avg',) if self.momentum else ()) + (('grad_mean',) if centered else ())
-        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+        self._last_grad = {}
+        super().__init__(params, lr, decouple_wd=decouple_wd, fused=fused, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
     def _flags(self): return {**super()._flags(), 'centered': self.centered, 'momentum': self.momentum}
 
@@ -231,6 +305,17 @@ class ForeachRMSProp(ForeachOptimizer):
             torch._foreach_add_(ps, grad_avg, alpha=-lr)
         else: torch._foreach_addcdiv_(ps, grads, denom, value=-lr)
 
+    _NO_DEBIAS_STEP = 2 ** 40  # sqr_mom ** step is 0 in float64: 1 − sqr_momᵗ = 1 exactly
+
+    def _fusable(self, sqr_mom, **_):
+        return not (self.momentum or self.centered) and sqr_mom ** self._NO_DEBIAS_STEP == 0
+
+    def fused_update(self, ps, grads, step, sqr_avg, lr, sqr_mom, eps, wd, **_):
+        last = [self._last_grad.get(p) for p in ps]
+        last = [t if t is not None else self._last_grad.setdefault(p, torch.zeros_like(p)) for p, t in zip(ps, last)]
+        torch._fused_adam_(ps, grads, last, sqr_avg, [], _step_tensors(self._NO_DEBIAS_STEP, ps), lr=lr, beta1=0.,
+                           beta2=sqr_mom, weight_decay=self._fused_l2(ps, lr, wd), eps=eps, amsgrad=False, maximize=False)
+
 
 class ForeachAdam(ForeachOptimizer):
     """Adam: `grad_avg ← mom·grad_avg + (1−mom)·g`, `sqr_avg ← sqr_mom·sqr_avg + (1−sqr_mom)·g²`, and
@@ -238,8 +323,8 @@ class ForeachAdam(ForeachOptimizer):
     bias corrections use the current `mom` and `sqr_mom`, as torch's and fastai's Adam do."""
     state_keys = ('grad_avg', 'sqr_avg')
 
-    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True):
-        super().__init__(params, lr, decouple_wd=decouple_wd, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    def __init__(self, params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, fused=True):
+        super().__init__(params, lr, decouple_wd=decouple_wd, fused=fused, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
     def update(self, ps, grads, step, grad_avg, sqr_avg, lr, mom, sqr_mom, eps, **_):
         torch._foreach_lerp_(grad_avg, grads, 1 - mom)
@@ -250,30 +335,40 @@ class ForeachAdam(ForeachOptimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(ps, grad_avg, denom, value=-lr / debias_factor(mom, step))
 
+    def _fusable(self, **_): return True
+
+    def fused_update(self, ps, grads, step, grad_avg, sqr_avg, lr, mom, sqr_mom, eps, wd, **_):
+        # torch's AdamW kernel decays p ← p·(1−lr·wd) first; its Adam kernel adds wd·p to g (L2)
+        kernel = torch._fused_adamw_ if self.decouple_wd else torch._fused_adam_
+        kernel(ps, grads, grad_avg, sqr_avg, [], _step_tensors(step, ps), lr=lr, beta1=mom, beta2=sqr_mom,
+               weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+
 
 # ---------------------------------------------------------------------------------------------------
 # opt_func helpers
 
-def sgd_momentum(mom=0.9, dampening=True, debias=False, nesterov=False, wd=0., decouple_wd=True):
+def sgd_momentum(mom=0.9, dampening=True, debias=False, nesterov=False, wd=0., decouple_wd=True, fused=True):
     """opt_func for `ForeachSGD`: the lecture's EWMA momentum (`dampening=True`) or PyTorch's heavy ball
-    (`dampening=False`, optionally `nesterov`). Use as `Learner(..., opt_func=sgd_momentum(0.9))`."""
+    (`dampening=False`, optionally `nesterov`). Use as `Learner(..., opt_func=sgd_momentum(0.9))`.
+    `fused=False` steps with `torch._foreach_*` kernels only (the same update, more passes over memory)."""
     _check_hypers(mom=mom, wd=wd)
     if nesterov and dampening: raise ValueError("nesterov=True needs dampening=False")
     if debias and not dampening: raise ValueError("debias=True needs dampening=True")
     return partial(ForeachSGD, mom=mom, wd=wd, dampening=dampening, debias=debias, nesterov=nesterov,
-                   decouple_wd=decouple_wd)
+                   decouple_wd=decouple_wd, fused=fused)
 
 
-def rmsprop(sqr_mom=0.99, mom=0., eps=1e-8, centered=False, wd=0., decouple_wd=True):
+def rmsprop(sqr_mom=0.99, mom=0., eps=1e-8, centered=False, wd=0., decouple_wd=True, fused=True):
     "opt_func for `ForeachRMSProp`, equal to `torch.optim.RMSprop(alpha=sqr_mom, momentum=mom, ...)`."
     _check_hypers(sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd)
-    return partial(ForeachRMSProp, sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd, centered=centered, decouple_wd=decouple_wd)
+    return partial(ForeachRMSProp, sqr_mom=sqr_mom, mom=mom, eps=eps, wd=wd, centered=centered,
+                   decouple_wd=decouple_wd, fused=fused)
 
 
-def adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True):
+def adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, fused=True):
     "opt_func for `ForeachAdam`: AdamW (`decouple_wd=True`, fastai's default) or Adam with L2."
     _check_hypers(mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
-    return partial(ForeachAdam, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd)
+    return partial(ForeachAdam, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=decouple_wd, fused=fused)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,9 +35,13 @@ def one_thread():
 # A small regression problem with three param groups (discriminative lrs through `slice`)
 
 def make_model(n_hidden=3, width=16, seed=0):
+    """Linear-BatchNorm-ReLU blocks and a linear head. The Linear layers before a BatchNorm have no bias, as in fastai's
+    `LinBnDrop`: BatchNorm removes any bias, so its gradient would be rounding noise, and RMSProp and Adam, which
+    step about lr·sign(g) on such a gradient, would turn last-bit differences between exact implementations into
+    differences of lr per step."""
     torch.manual_seed(seed)
     layers, n_in = [], 6
-    for _ in range(n_hidden): layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width), nn.ReLU()]; n_in = width
+    for _ in range(n_hidden): layers += [nn.Linear(n_in, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]; n_in = width
     return nn.Sequential(*layers, nn.Linear(n_in, 1))
 
 
@@ -89,10 +93,16 @@ def ours_vs_torch(opt_func, torch_cls, lr=LR, **torch_kw):
 # ---------------------------------------------------------------------------------------------------
 # Exactness against torch.optim
 
+# Every exactness test runs both step paths: torch's fused kernels (the default) and `_foreach_*` kernels only.
+FUSED = pytest.mark.parametrize('fused', [True, False], ids=['fused', 'foreach'])
+
+
+@FUSED
 @pytest.mark.parametrize('wd', [0., 1e-2])
 @pytest.mark.parametrize('nesterov', [False, True])
-def test_heavy_ball_equals_torch_sgd(wd, nesterov):
-    m1, m2, o1, o2 = ours_vs_torch(sgd_momentum(0.9, dampening=False, nesterov=nesterov, wd=wd, decouple_wd=False),
+def test_heavy_ball_equals_torch_sgd(wd, nesterov, fused):
+    m1, m2, o1, o2 = ours_vs_torch(sgd_momentum(0.9, dampening=False, nesterov=nesterov, wd=wd, decouple_wd=False,
+                                                fused=fused),
                                    torch.optim.SGD, momentum=0.9, nesterov=nesterov, weight_decay=wd)
     assert_rel_close(flat(m1), flat(m2))
     p = next(m1.parameters()); q = next(m2.parameters())
@@ -102,8 +112,10 @@ def test_heavy_ball_equals_torch_sgd(wd, nesterov):
 
 @pytest.mark.parametrize('wd', [0., 1e-2])
 @pytest.mark.parametrize('mom,centered', [(0., False), (0., True), (0.9, False), (0.9, True)])
-def test_rmsprop_equals_torch(wd, mom, centered):
-    m1, m2, o1, o2 = ours_vs_torch(rmsprop(0.99, mom=mom, eps=1e-8, centered=centered, wd=wd, decouple_wd=False),
+@FUSED
+def test_rmsprop_equals_torch(wd, mom, centered, fused):
+    m1, m2, o1, o2 = ours_vs_torch(rmsprop(0.99, mom=mom, eps=1e-8, centered=centered, wd=wd, decouple_wd=False,
+                                           fused=fused),
                                    torch.optim.RMSprop, lr=slice(1e-4, 3e-3), alpha=0.99, eps=1e-8,
                                    momentum=mom, centered=centered, weight_decay=wd)
     assert_rel_close(flat(m1), flat(m2))
@@ -114,9 +126,10 @@ def test_rmsprop_equals_torch(wd, mom, centered):
 
 @pytest.mark.parametrize('wd', [0., 1e-2])
 @pytest.mark.parametrize('decouple_wd', [True, False])
-def test_adam_equals_torch(wd, decouple_wd):
+@FUSED
+def test_adam_equals_torch(wd, decouple_wd, fused):
     ref = torch.optim.AdamW if decouple_wd else torch.optim.Adam
-    m1, m2, o1, o2 = ours_vs_torch(adam(0.9, 0.99, eps=1e-5, wd=wd, decouple_wd=decouple_wd), ref,
+    m1, m2, o1, o2 = ours_vs_torch(adam(0.9, 0.99, eps=1e-5, wd=wd, decouple_wd=decouple_wd, fused=fused), ref,
                                    lr=slice(1e-4, 3e-3), betas=(0.9, 0.99), eps=1e-5, weight_decay=wd)
     assert_rel_close(flat(m1), flat(m2))
     p = next(m1.parameters()); q = next(m2.parameters())
@@ -136,12 +149,13 @@ def test_comparison_has_teeth():
 
 @pytest.mark.parametrize('wd', [0., 0.1])
 @pytest.mark.parametrize('dampening,debias', [(True, False), (True, True), (False, False)])
-def test_momentum_equals_closed_form(wd, dampening, debias):
+@FUSED
+def test_momentum_equals_closed_form(wd, dampening, debias, fused):
     """Replay the gradients our run saw through the unrolled sums in float64:
     EWMA S(t) = Σₖ (1−β)βᵏ g(t−k) (÷ (1−βᵗ) with debias), heavy ball Σₖ βᵏ g(t−k)."""
     beta, model = 0.9, make_model()
     ps = list(model.parameters())
-    opt = sgd_momentum(beta, dampening=dampening, debias=debias, wd=wd)(groups_of(model), lr=LR)
+    opt = sgd_momentum(beta, dampening=dampening, debias=debias, wd=wd, fused=fused)(groups_of(model), lr=LR)
     lr_of = {id(p): lr for g, lr in zip(groups_of(model), LRS) for p in g}
     p0 = [p.detach().double().clone() for p in ps]
     hist = [[] for _ in ps]
@@ -181,26 +195,46 @@ def test_scheduled_mom_uses_each_steps_beta():
 # ---------------------------------------------------------------------------------------------------
 # Multi-tensor step
 
-def count_foreach(monkeypatch):
+def count_kernels(monkeypatch):
+    "Record the name of every multi-tensor kernel (`torch._foreach_*`, `torch._fused_*`) called from now on."
     calls = []
-    for name in [n for n in dir(torch) if n.startswith('_foreach_')]:
+    for name in [n for n in dir(torch) if n.startswith(('_foreach_', '_fused_'))]:
         f = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _f=f, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     return calls
 
 
-@pytest.mark.parametrize('opt_func', [sgd_momentum(0.9, wd=0.1), sgd_momentum(0.9, dampening=False, nesterov=True),
-                                      rmsprop(mom=0.9, centered=True, wd=0.1, decouple_wd=False), adam()])
-def test_step_is_multi_tensor(monkeypatch, opt_func):
-    "The number of kernel calls in a step does not grow with the number of parameter tensors."
+@pytest.mark.parametrize('opt_func,fused_kernel', [
+    (sgd_momentum(0.9, wd=0.1), '_fused_sgd_'), (sgd_momentum(0.9, dampening=False, nesterov=True), '_fused_sgd_'),
+    (rmsprop(wd=0.1, decouple_wd=False), '_fused_adam_'), (rmsprop(mom=0.9, centered=True, wd=0.1), None),
+    (adam(), '_fused_adamw_'), (adam(decouple_wd=False), '_fused_adam_')])
+@FUSED
+def test_step_is_multi_tensor(monkeypatch, opt_func, fused_kernel, fused):
+    """The number of kernel calls in a step does not grow with the number of parameter tensors; the fused path
+    makes one call of torch's fused kernel (plus one decay pass with decoupled wd) where one computes the update."""
     counts = []
-    for n_hidden in (1, 12):
-        model = make_model(n_hidden); opt = opt_func(list(model.parameters()), lr=1e-3)
+    for n_hidden in (1, 20):
+        model = make_model(n_hidden); opt = opt_func(list(model.parameters()), lr=1e-3, fused=fused)
         x, y = batch(0); nn.functional.mse_loss(model(x), y).backward()
-        calls = count_foreach(monkeypatch)
+        calls = count_kernels(monkeypatch)
         opt.step(); counts.append(len(calls)); monkeypatch.undo()
+        uses_fused = [c for c in calls if c.startswith('_fused_')]
+        assert uses_fused == ([fused_kernel] if fused and fused_kernel else [])
     assert counts[0] == counts[1] > 0
-    assert len(list(make_model(12).parameters())) >= 48
+    assert len(list(make_model(20).parameters())) >= 60
+
+
+def test_fused_path_leaves_gradients_and_saved_state_alone():
+    "The fused kernels read p.grad without changing it (L2 decay included); RMSProp's scratch buffer is never saved."
+    for opt_func in (sgd_momentum(0.9, wd=0.1, decouple_wd=False), rmsprop(wd=0.1, decouple_wd=False),
+                     adam(wd=0.1, decouple_wd=False)):
+        model = make_model(); opt = opt_func(list(model.parameters()), lr=1e-3)
+        x, y = batch(0); nn.functional.mse_loss(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), grads): assert torch.equal(p.grad, g)
+        keys = {k for st in opt.state_dict()['state'] for k in st}
+        assert keys == {'step', *opt.state_keys}, keys
 
 
 def test_plain_params_and_skipped_grads():
