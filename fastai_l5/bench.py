@@ -3,12 +3,14 @@
 Five sections, each a `DataFrame` whose rows state their target and whether it was met:
 
 1. `overhead`: one epoch of `fit_one_cycle` on the flights `tabular_learner`, plain and with each of our
-   callbacks, all three, and fastai's `ActivationStats`. Variants run interleaved (A B C … A B C …) after a
+   callbacks, all three, fastai's `ActivationStats`, and `ReadFloor`, the least any per-step optimizer
+   telemetry costs (copy p, then read g, p, the copy and the optimizer state once). Variants run interleaved (A B C … A B C …) after a
    warm-up round; every run builds a fresh learner from the same seed and times only the fit. The ratio
    is the median over rounds of t(variant)/t(plain) *within* a round, so slow phases of a shared machine
    hit both sides of a ratio alike; a second plain run per round (A/A) shows the noise floor.
 2. `optimizer`: `opt.step()` time of ours against fastai's native optimizers and torch.optim's foreach
-   ones, same hyper-parameters, on a 60+-tensor model and on the flights model, gradients fixed.
+   ones, same hyper-parameters, on the flights model and on 70-tensor models, narrow (per-tensor overhead
+   dominates) and wide (memory traffic dominates), gradients fixed.
 3. `precise_bn`: `precise_bn` against a no-grad training-mode forward over the same batches.
 4. `memory`: bytes the logs hold per 1,000 steps, and `learn.export()` size with and without callbacks.
 5. `scaling`: overhead and log size of all three callbacks as the model widens and the data grows.
@@ -41,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 import fastai
+from fastai.callback.core import Callback
 from fastai.callback.hook import ActivationStats
 import fastai.callback.progress  # noqa: F401 (fastai's default bar, and `Learner.no_bar`)
 from fastai.callback.schedule import SchedNo  # also patches in `Learner.fit_one_cycle`
@@ -142,12 +145,36 @@ def _ours(p):
             'BNDrift': lambda: [BNDrift()]}
 
 
+class ReadFloor(Callback):
+    """A reference for the cost of per-step optimizer telemetry, not a feature: the least any such callback must do
+    to see the update, the gradient and the moments. It copies p before the step, and after it reads g, p, that copy
+    and every tensor of the optimizer state once (one 2-norm each, one multi-tensor call), computing nothing else."""
+    order = 40
+
+    @torch.no_grad()
+    def before_step(self):
+        self.ps = [p for pg in self.opt.param_lists for p in pg if p.grad is not None]
+        if len(getattr(self, 'before', ())) != len(self.ps): self.before = [torch.empty_like(p) for p in self.ps]
+        torch._foreach_copy_(self.before, self.ps)
+
+    @torch.no_grad()
+    def after_step(self):
+        moments = [t for p in self.ps for t in self.opt.state[p].values() if isinstance(t, torch.Tensor)]
+        torch._foreach_norm([p.grad for p in self.ps] + self.before + self.ps + moments)
+
+    def after_fit(self): self.ps = self.before = None
+
+
+READ_FLOOR = '+read floor (reference)'
+
+
 def _variants(p):
     "Every overhead variant: `{name: (callbacks factory, target or None)}`, plain first."
     ours = _ours(p)
     v = {'plain': (lambda: [], None), 'plain (A/A repeat)': (lambda: [], None)}
     for name, f in ours.items(): v[f'+{name}'] = (f, OURS_TARGET)
     v['+all three'] = (lambda: [cb for f in ours.values() for cb in f()], ALL_TARGET)
+    v[READ_FLOOR] = (lambda: [ReadFloor()], None)
     v['+ActivationStats (fastai)'] = (lambda: [ActivationStats()], None)
     return v
 
@@ -360,7 +387,7 @@ def memory_section(learners, n_steps):
     with tempfile.TemporaryDirectory() as tmp:
         base = export_size(learners['plain'], tmp)
         for name, learn in learners.items():
-            if 'A/A' in name: continue
+            if 'A/A' in name or name == READ_FLOOR: continue
             n_rows, held, frame = log_size(learn)
             exp = base if name == 'plain' else export_size(learn, tmp)
             ratio = exp / base

@@ -58,7 +58,8 @@ def test_ratios_are_finite_positive(quick):
 def test_overhead_rows(quick):
     ov = quick[0]['overhead']
     assert list(ov['variant']) == ['plain', 'plain (A/A repeat)', '+MomentumLogger', '+DropoutSchedule', '+BNDrift',
-                                   '+all three', '+ActivationStats (fastai)']
+                                   '+all three', fb.READ_FLOOR, '+ActivationStats (fastai)']
+    assert (ov.set_index('variant').loc[[fb.READ_FLOOR, '+ActivationStats (fastai)'], 'status'] == 'info').all()
     assert (ov['min_s'] <= ov['median_s']).all() and (ov['median_s'] <= ov['max_s']).all()
     assert (ov['ratio_min'] <= ov['ratio']).all() and (ov['ratio'] <= ov['ratio_max']).all()
     assert (ov['rounds'] == fb.QUICK['rounds']).all()
@@ -135,3 +136,24 @@ def test_main_parses_arguments(monkeypatch):
     assert seen == dict(quick=True, out='somewhere')
     fb.main([])
     assert seen == dict(quick=False, out='l5_bench')
+
+
+def test_read_floor_reads_every_tensor_and_changes_nothing(monkeypatch):
+    """The reference callback only reads: a fit with it ends with the same weights as without; and it reads g, p,
+    the copy of p and every optimizer-state tensor once per step."""
+    from fastai_l5.data import example_dls
+    dls = example_dls('diamonds', n_rows=600, bs=64)
+    def fitted(cbs):
+        learn = fb._learner(dls, [8], 0.1, cbs)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+        return learn
+    seen = []
+    norm = torch._foreach_norm
+    monkeypatch.setattr(torch, '_foreach_norm', lambda ts, *a: (seen.append(len(ts)), norm(ts, *a))[1])
+    with_floor = fitted([fb.ReadFloor()])
+    monkeypatch.undo()
+    plain = fitted([])
+    for a, b in zip(with_floor.model.parameters(), plain.model.parameters()): assert torch.equal(a, b)
+    n_params = len([p for p in plain.model.parameters() if p.requires_grad])
+    n_state = sum(isinstance(t, torch.Tensor) for st in with_floor.opt.state.values() for t in st.values())
+    assert seen == [3 * n_params + n_state] * len(dls.train)
