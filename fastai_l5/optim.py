@@ -76,7 +76,7 @@ def _fusable_tensors(ps, grads):
     """Whether torch's fused optimizer kernels take these tensors (one dtype and device, as in a bucket): contiguous
     floats on the CPU or a CUDA device. (The CPU kernels read raw memory, so a strided tensor would be misread.)"""
     return (ps[0].dtype in _FUSED_DTYPES and ps[0].device.type in ('cpu', 'cuda')
-            and all(map(torch.Tensor.is_contiguous, ps)) and all(map(torch.Tensor.is_contiguous, grads)))
+            and all(map(torch.Tensor.is_contiguous, ps + grads)))
 
 
 def _step_tensors(step, ps):
@@ -122,34 +122,34 @@ class ForeachOptimizer(Optimizer):
         `step` advanced. The split is cached (`_plan`), since making it costs about a microsecond per tensor: it is
         made again when which parameters have a gradient, which groups share hypers, a `do_wd` flag or the state
         itself (`clear_state`, `load_state_dict`, which `freeze`/`unfreeze` call) changes."""
+        grads = [p.grad for pg in self.param_lists for p in pg]
         hkeys = [tuple(h.items()) for h in self.hypers]
-        sig = (id(self.state), tuple(map(hkeys.index, hkeys)),
-               [p.grad is None for pg in self.param_lists for p in pg])
+        sig = (id(self.state), tuple(map(hkeys.index, hkeys)), [g is None for g in grads])
         if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hkeys), sig
         res = []
-        for gi, do_wd, ps, states in self._plan:
+        for gi, do_wd, idx, ps, states, _ in self._plan:
             for st in states: st['step'] += 1
-            res.append((self.hypers[gi], do_wd, states[0]['step'], ps, [p.grad for p in ps], states))
+            res.append((self.hypers[gi], do_wd, states[0]['step'], ps, [grads[i] for i in idx], states))
         return res
 
     def _plan_flags_hold(self):
-        return all([st.get('do_wd', True) for st in states] == [do_wd] * len(states) for _, do_wd, _, states in self._plan)
+        return all([st.get('do_wd', True) for st in states] == flags for *_, states, flags in self._plan)
 
     def _make_plan(self, hkeys):
-        "`[(group index, do_wd, params, states)]` for `_buckets`, creating the state buffers (at zero, as fastai's) on the way."
+        """`[(group index, do_wd, indices in the flat parameter list, params, states, do_wd flags)]` for `_buckets`,
+        creating the state buffers (at zero, as fastai's) on the way."""
         buckets = {}
-        for pg, hkey in zip(self.param_lists, hkeys):
-            for p in pg:
-                if p.grad is None: continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
-                st = self.state[p]
-                for k in self.state_keys:
-                    if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                key = (hkeys.index(hkey), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
-                ps, states = buckets.setdefault(key, ([], []))
-                ps.append(p); states.append(st)
-        return [(gi, do_wd, ps, states) for (gi, do_wd, *_), (ps, states) in buckets.items()]
+        for i, (p, hkey) in enumerate((p, hkey) for pg, hkey in zip(self.param_lists, hkeys) for p in pg):
+            if p.grad is None: continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
+            st = self.state[p]
+            for k in self.state_keys:
+                if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            key = (hkeys.index(hkey), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
+            idx, ps, states = buckets.setdefault(key, ([], [], []))
+            idx.append(i); ps.append(p); states.append(st)
+        return [(gi, do_wd, idx, ps, states, [do_wd] * len(ps)) for (gi, do_wd, *_), (idx, ps, states) in buckets.items()]
 
     def clear_state(self):
         super().clear_state()
