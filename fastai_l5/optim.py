@@ -161,7 +161,7 @@ class ForeachOptimizer(Optimizer):
         for hyper, do_wd, step, ps, grads, states in self._buckets():
             bufs = {k: [st[k] for st in states] for k in self.state_keys}
             wd = hyper.get('wd', 0.) if do_wd else 0.
-            if self.fused and _fusable_tensors(ps, grads) and self._fusable(**hyper):
+            if self.fused and self._fusable(**hyper) and _fusable_tensors(ps, grads):
                 self.fused_update(ps, grads, step=step, **bufs, **{**hyper, 'wd': wd})
             else: self.update(ps, self._decay(ps, grads, hyper['lr'], wd), step=step, **bufs, **hyper)
 
@@ -174,9 +174,9 @@ class ForeachOptimizer(Optimizer):
         return torch._foreach_add(grads, ps, alpha=wd)
 
     def _fused_l2(self, ps, lr, wd):
-        "Weight decay before a fused kernel: applies decoupled decay `p ← p·(1−lr·wd)` here and returns 0, or returns the L2 coefficient for the kernel (which leaves `p.grad` untouched)."
+        "Weight decay before a fused kernel: applies decoupled decay here (`_decay`) and returns 0, or returns the L2 coefficient for the kernel (which leaves `p.grad` untouched)."
         if not self.decouple_wd: return wd
-        if wd: torch._foreach_mul_(ps, 1 - lr * wd)
+        self._decay(ps, None, lr, wd)
         return 0.
 
     def update(self, ps, grads, step, **kw):
@@ -311,8 +311,8 @@ class ForeachRMSProp(ForeachOptimizer):
         return not (self.momentum or self.centered) and sqr_mom ** self._NO_DEBIAS_STEP == 0
 
     def fused_update(self, ps, grads, step, sqr_avg, lr, sqr_mom, eps, wd, **_):
-        last = [self._last_grad.get(p) for p in ps]
-        last = [t if t is not None else self._last_grad.setdefault(p, torch.zeros_like(p)) for p, t in zip(ps, last)]
+        last = [self._last_grad.get(id(p)) for p in ps]  # keyed by id: the optimizer keeps its parameters alive
+        last = [t if t is not None else self._last_grad.setdefault(id(p), torch.zeros_like(p)) for p, t in zip(ps, last)]
         torch._fused_adam_(ps, grads, last, sqr_avg, [], _step_tensors(self._NO_DEBIAS_STEP, ps), lr=lr, beta1=0.,
                            beta2=sqr_mom, weight_decay=self._fused_l2(ps, lr, wd), eps=eps, amsgrad=False, maximize=False)
 
