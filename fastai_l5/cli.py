@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
+
 __all__ = ['main']
 
 
@@ -36,11 +38,14 @@ def _positive_float(text):
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-l5', description="See what momentum, dropout and batch norm do "
                                 "inside fastai tabular models.")
+    p.add_argument('--version', action='version', version=f'fastai-l5 {__version__}')
     sub = p.add_subparsers(dest='command', required=True, metavar='{demo,report,bench,docs}')
     train = argparse.ArgumentParser(add_help=False)
-    train.add_argument('--epochs', type=_positive_int, default=3, help='epochs of fit_one_cycle (default 3)')
-    train.add_argument('--lr', type=_positive_float, default=3e-3, help='peak learning rate (default 3e-3)')
-    train.add_argument('--bs', type=_positive_int, default=1024, help='batch size (default 1024)')
+    train.add_argument('--epochs', type=_positive_int, default=None,
+                       help='epochs of fit_one_cycle (default: enough for about 300 optimizer steps, 3 to 40)')
+    train.add_argument('--lr', type=_positive_float, default=None, help="peak learning rate (default: fastai's lr_find)")
+    train.add_argument('--bs', type=_positive_int, default=None,
+                       help='batch size (default: about 32 batches an epoch, 16 to 1024)')
     train.add_argument('--out', default='l5_report', help='folder for report.html, PNGs and CSVs (default ./l5_report)')
     demo = sub.add_parser('demo', parents=[train], help='instrumented training run on an example data set')
     demo.add_argument('--example', default='diamonds', help='diamonds (default), flights, ames or lending_club')
@@ -50,6 +55,8 @@ def _parser():
     rep.add_argument('--target', required=True, help='the column to predict')
     rep.add_argument('--cat', nargs='*', default=[], help='categorical columns (others are sorted by dtype)')
     rep.add_argument('--cont', nargs='*', default=[], help='continuous columns (others are sorted by dtype)')
+    rep.add_argument('--drop', nargs='*', default=[], help='columns to leave out')
+    rep.add_argument('--log-target', action='store_true', help='train on log(target) (default: when positive and skewed)')
     bench = sub.add_parser('bench', help='the benchmark table (overhead, optimizer step, precise_bn, memory)')
     bench.add_argument('--quick', action='store_true', help='a one-minute smoke run')
     bench.add_argument('--out', default='l5_bench', help='folder for the CSV and JSON results (default ./l5_bench)')
@@ -59,10 +66,7 @@ def _parser():
 
 
 def _summary(learn, path, name):
-    rec = learn.recorder
-    names = rec.metric_names[1:len(rec.values[-1]) + 1] if rec.values else []
-    final = ', '.join(f'{n}={v:.4f}' for n, v in zip(names, rec.values[-1])) if rec.values else 'no epoch finished'
-    lines = [f"fastai_l5 {name}: {final}"]
+    lines = [f"fastai_l5 {name}: what was trained"] + [f"  {k}: {v}" for k, v in learn.l5_trained]
     from .report import SECTIONS
     for attr, _, _ in SECTIONS:
         cb = getattr(learn, attr, None)
@@ -71,24 +75,33 @@ def _summary(learn, path, name):
     return '\n'.join(lines)
 
 
+def _train(args, df, title, name, **recipe_kwargs):
+    "Prepare `df` with the default recipe (bad input: `UsageError`), train, write the report, print the summary."
+    from .recipe import tabular_recipe
+    from .report import train_report
+    try: recipe = tabular_recipe(df, bs=args.bs, epochs=args.epochs, **recipe_kwargs)
+    except ValueError as e: raise UsageError(str(e)) from e
+    learn, path = train_report(recipe, out=args.out, lr=args.lr, title=title)
+    print(_summary(learn, path, name))
+
+
 def _demo(args):
-    from .data import EXAMPLES, example_dls
-    from .report import run_instrumented
+    from .data import EXAMPLES, example_df
     if args.example not in EXAMPLES:
         raise UsageError(f"unknown example {args.example!r}; choose one of {', '.join(sorted(EXAMPLES))}")
-    dls = example_dls(args.example, bs=args.bs, n_rows=args.rows)
-    learn, path = run_instrumented(dls, epochs=args.epochs, out=args.out, lr=args.lr,
-                                   title=f'fastai_l5 demo: {args.example}')
-    print(_summary(learn, path, f'demo on {args.example}'))
+    df, spec = example_df(args.example, n_rows=args.rows)
+    inputs = spec['cat_names'] + spec['cont_names'] + [spec['y_names']]
+    _train(args, df, f'fastai_l5 demo: {args.example}', f'demo on {args.example}', target=spec['y_names'],
+           cat_names=spec['cat_names'], cont_names=spec['cont_names'], drop=[c for c in df.columns if c not in inputs])
 
 
 def _report(args):
-    from .report import csv_dls, run_instrumented
-    try: dls = csv_dls(args.csv, args.target, args.cat, args.cont, bs=args.bs)
+    from .recipe import read_table
+    try: df = read_table(args.csv)
     except ValueError as e: raise UsageError(str(e)) from e
-    learn, path = run_instrumented(dls, epochs=args.epochs, out=args.out, lr=args.lr,
-                                   title=f'fastai_l5 report: {Path(args.csv).name} → {args.target}')
-    print(_summary(learn, path, f'report on {args.csv}'))
+    _train(args, df, f'fastai_l5 report: {Path(args.csv).name} → {args.target}', f'report on {args.csv}',
+           target=args.target, cat_names=args.cat, cont_names=args.cont, drop=args.drop,
+           log_target=True if args.log_target else None)
 
 
 def _bench(args):

@@ -4,24 +4,27 @@ report with PNG plots and CSV logs."""
 from __future__ import annotations
 
 import html
+import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fastai.data.block import CategoryBlock, RegressionBlock
-from fastai.data.transforms import RandomSplitter
+from fastai.callback.progress import ProgressCallback
 from fastai.metrics import accuracy, rmse
-from fastai.tabular.all import Categorify, FillMissing, Normalize, TabularDataLoaders, tabular_config, tabular_learner
+from fastai.tabular.all import tabular_config, tabular_learner
 from fastcore.foundation import L
 from matplotlib.figure import Figure
 
 from .batchnorm import BNDrift
+from .core import StepCallback
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
 
-__all__ = ['instrumented_learner', 'write_report', 'run_instrumented', 'csv_dls']
+__all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'train_report', 'write_report']
 
 # (attribute on the Learner, section title, what the section shows)
 SECTIONS = [
@@ -44,60 +47,89 @@ def instrumented_learner(dls, layers=(200, 100), p=0.2, embed_p=0.05, opt_func=N
     `DropoutSchedule` and `BNDrift` (with a PreciseBN comparison every epoch) attached."""
     layers = list(layers)
     ps = fastai_ps(p, len(layers))
-    is_regression = dls.c == 1
-    if metrics is None: metrics = rmse if is_regression else accuracy
-    if y_range is None and is_regression: y_range = _y_range(dls)
+    if metrics is None: metrics = rmse if dls.c == 1 else accuracy
     cbs = [MomentumLogger(), DropoutSchedule([curriculum_dropout(q) for q in [embed_p] + ps]),
            BNDrift(precise_every=1, precise_batches=20)]
     return tabular_learner(dls, layers=layers, config=tabular_config(ps=ps, embed_p=embed_p), y_range=y_range,
                            opt_func=opt_func or adam(), metrics=metrics, cbs=cbs)
 
 
-def _y_range(dls):
-    "A target range 5% wider than the training targets', for fastai's final sigmoid."
-    y = np.asarray(dls.train_ds.ys.values, dtype=float)
-    lo, hi = np.nanmin(y), np.nanmax(y)
-    pad = 0.05 * (hi - lo)
-    return (float(lo - pad), float(hi + pad))
+def find_lr(learn):
+    """fastai's `lr_find` suggestion (`valley`), run with fastai_l5's loggers detached (the mock training is not
+    logged) and its temporary weights outside the working directory."""
+    ours = learn.cbs.filter(lambda cb: isinstance(cb, StepCallback))
+    model_dir = learn.model_dir
+    with tempfile.TemporaryDirectory() as d, learn.removed_cbs(ours):
+        learn.model_dir = d
+        try: return float(learn.lr_find(show_plot=False).valley)
+        finally: learn.model_dir = model_dir
 
 
-def run_instrumented(dls, epochs=3, out='l5_report', lr=3e-3, title='fastai_l5 report', **kwargs):
-    "Train an `instrumented_learner` with `fit_one_cycle(epochs, lr)`, write the report to `out`; returns `(learn, path)`."
-    learn = instrumented_learner(dls, **kwargs)
+class EpochLines:
+    "A `learn.logger` that prints fastai's per-epoch record as plain aligned lines (for output that is not a terminal)."
+    def __init__(self, learn): self.learn, self.names = learn, None
+
+    def __call__(self, log):
+        names = list(self.learn.recorder.metric_names)
+        if names != self.names: print('  '.join(f'{n:>12}' for n in names)); self.names = names
+        print('  '.join(f'{v:>12.6g}' if isinstance(v, float) else f'{v!s:>12}' for v in log), flush=True)
+
+
+def plain_progress(learn):
+    "No progress bars on `learn` (they fill redirected output with carriage returns): one printed line per epoch."
+    learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))
+    learn.logger = EpochLines(learn)
+    return learn
+
+
+def validation_score(learn, recipe):
+    """The model's metric on the validation rows, on the target's original scale (rmse or accuracy), and the
+    validation predictions as a `DataFrame` (`target`, `prediction`, original scale)."""
+    preds, targs = learn.get_preds(dl=learn.dls.valid)
+    truth = recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
+    if recipe.is_regression:
+        pred = recipe.target_transform.decode(preds.float().view(-1).numpy().astype(float))
+        value = float(np.sqrt(np.mean((pred - truth.astype(float)) ** 2)))
+    else:
+        pred = np.asarray(learn.dls.vocab)[preds.argmax(dim=1).numpy()]
+        value = float((pred == truth.astype(str)).mean())
+    return value, pd.DataFrame({'target': truth, 'prediction': pred})
+
+
+def train_report(recipe, out='l5_report', lr=None, title='fastai_l5 report', progress=None, **kwargs):
+    """Train an `instrumented_learner` on `recipe` (a `TabularRecipe`) with `fit_one_cycle(recipe.epochs, lr)`,
+    `lr` from `find_lr` unless given, and write the report, `summary.json` and `predictions.csv` to `out`.
+    `progress`: draw progress bars (default: only when stdout is a terminal). Returns `(learn, path)`;
+    `learn.l5_summary` holds the summary and `learn.l5_trained` the "What was trained" lines."""
+    learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
+    if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
+    lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
     start = time.time()
-    learn.fit_one_cycle(epochs, lr)
+    learn.fit_one_cycle(recipe.epochs, lr)
     elapsed = time.time() - start
-    return learn, write_report(learn, out, title=title, notes=f"{epochs} epochs of fit_one_cycle at lr={lr}, {elapsed:.1f} s")
+    value, preds = validation_score(learn, recipe)
+    metric = 'rmse' if recipe.is_regression else 'accuracy'
+    learn.l5_summary = dict(task=recipe.task, target=recipe.target, metric=metric, value=value, baseline=recipe.baseline(),
+                            target_transform=recipe.target_transform.kind, bs=recipe.bs, epochs=recipe.epochs, lr=lr,
+                            lr_source=lr_source)
+    learn.l5_trained = recipe.describe() + _training_lines(learn, learn.l5_summary, recipe.y_range(), elapsed)
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    (out / 'summary.json').write_text(json.dumps(learn.l5_summary, indent=2) + '\n')
+    preds.to_csv(out / 'predictions.csv', index=False)
+    return learn, write_report(learn, out, title=title, trained=learn.l5_trained)
 
 
-def csv_dls(path, target, cat_names=None, cont_names=None, bs=1024, valid_pct=0.2, seed=42):
-    """`TabularDataLoaders` for a user's CSV file. Columns not named are sorted by dtype: numbers are
-    continuous, everything else categorical. A numeric target with more than 20 distinct values is a
-    regression, anything else a classification. Raises `ValueError` with a one-line reason on bad input."""
-    path = Path(path)
-    if path.is_dir(): raise ValueError(f"{path} is a directory; give the path of a CSV file")
-    if not path.is_file(): raise ValueError(f"no such file: {path}")
-    try: df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read {path} as CSV: {str(e).splitlines()[0]}") from e
-    if df.empty: raise ValueError(f"{path} has no data rows")
-    named = [target] + list(cat_names or []) + list(cont_names or [])
-    unknown = [c for c in named if c not in df.columns]
-    if unknown: raise ValueError(f"unknown column(s) {unknown} in {path}; its columns are {list(df.columns)}")
-    df = df.dropna(subset=[target]).reset_index(drop=True)
-    if len(df) < 10: raise ValueError(f"{path} has {len(df)} rows with a target; at least 10 are needed")
-    rest = [c for c in df.columns if c not in named]
-    numeric = {c for c in rest if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])}
-    cat_names = list(cat_names or []) + [c for c in rest if c not in numeric]
-    cont_names = list(cont_names or []) + [c for c in rest if c in numeric]
-    is_regression = pd.api.types.is_numeric_dtype(df[target]) and df[target].nunique() > 20
-    if is_regression: df[target] = df[target].astype('float32')
-    else: df[target] = df[target].astype(str)
-    splits = RandomSplitter(valid_pct, seed=seed)(range(len(df)))
-    return TabularDataLoaders.from_df(df, procs=[Categorify, FillMissing, Normalize], cat_names=cat_names,
-                                      cont_names=cont_names, y_names=target,
-                                      y_block=RegressionBlock() if is_regression else CategoryBlock(),
-                                      valid_idx=splits[1], bs=min(bs, max(2, len(splits[0]) // 2)))
+def _training_lines(learn, summary, y_range, elapsed):
+    opt = getattr(learn.opt_func, 'func', learn.opt_func).__name__
+    args = ', '.join(f'{k}={v}' for k, v in getattr(learn.opt_func, 'keywords', {}).items())
+    better = summary['value'] < summary['baseline'] if summary['metric'] == 'rmse' else summary['value'] > summary['baseline']
+    const = 'the training mean' if summary['metric'] == 'rmse' else 'the majority class'
+    return [('optimizer', f'{opt}({args}) under fit_one_cycle (lr warms up then anneals; mom 0.95→0.85→0.95)'),
+            ('lr', f"{summary['lr']:.3g}, from {summary['lr_source']}"),
+            ('y_range', 'none (classification)' if y_range is None else
+             f'({y_range[0]:.4g}, {y_range[1]:.4g}) on the training scale'),
+            ('result', f"validation {summary['metric']} {summary['value']:.4g} vs {summary['baseline']:.4g} for {const} "
+                       f"({'better than' if better else 'NO BETTER THAN'} the constant), {elapsed:.1f} s of training")]
 
 
 def _training_figure(learn):
@@ -126,12 +158,15 @@ def _table_html(df, max_rows=12):
     return df.head(max_rows).to_html(index=False, float_format=lambda v: f'{v:.4g}', border=0, classes='tbl')
 
 
-def write_report(learn, out='l5_report', title='fastai_l5 report', notes=''):
-    """Write `out/report.html` with the training curves and, for each fastai_l5 callback attached to
-    `learn`, its plot (PNG) and its log (CSV). Returns the report's path."""
+def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', trained=()):
+    """Write `out/report.html` with what was trained (`trained`: `(label, text)` lines), the training curves
+    and, for each fastai_l5 callback attached to `learn`, its plot (PNG) and its log (CSV). Returns the
+    report's path."""
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rec = learn.recorder
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
+    if trained: parts.append('<h2>What was trained</h2><table class="what">' + ''.join(
+        f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>')
     if rec.values:
         epochs = pd.DataFrame([list(v) for v in rec.values], columns=rec.metric_names[1:len(rec.values[0]) + 1])
         epochs.insert(0, 'epoch', range(len(epochs)))
