@@ -24,7 +24,7 @@ from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
 
-__all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'train_report', 'write_report']
+__all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'train_recipe', 'write_summary', 'train_report', 'write_report']
 
 # (attribute on the Learner, section title, what the section shows)
 SECTIONS = [
@@ -85,7 +85,10 @@ def plain_progress(learn):
 def validation_score(learn, recipe):
     """The model's metric on the validation rows, on the target's original scale (rmse or accuracy), and the
     validation predictions as a `DataFrame` (`target`, `prediction`, original scale)."""
-    preds, targs = learn.get_preds(dl=learn.dls.valid)
+    rec = learn.recorder
+    kept = [list(v) for v in rec.values], list(rec.metric_names)  # get_preds rewrites both
+    try: preds, _ = learn.get_preds(dl=learn.dls.valid)
+    finally: rec.values, rec.metric_names = kept
     truth = recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
     if recipe.is_regression:
         pred = recipe.target_transform.decode(preds.float().view(-1).numpy().astype(float))
@@ -96,26 +99,37 @@ def validation_score(learn, recipe):
     return value, pd.DataFrame({'target': truth, 'prediction': pred})
 
 
-def train_report(recipe, out='l5_report', lr=None, title='fastai_l5 report', progress=None, **kwargs):
+def train_recipe(recipe, lr=None, progress=None, **kwargs):
     """Train an `instrumented_learner` on `recipe` (a `TabularRecipe`) with `fit_one_cycle(recipe.epochs, lr)`,
-    `lr` from `find_lr` unless given, and write the report, `summary.json` and `predictions.csv` to `out`.
-    `progress`: draw progress bars (default: only when stdout is a terminal). Returns `(learn, path)`;
-    `learn.l5_summary` holds the summary and `learn.l5_trained` the "What was trained" lines."""
+    `lr` from `find_lr` unless given. `progress`: draw progress bars (default: only when stdout is a
+    terminal). Returns the `Learner`, with `l5_summary` (the `summary.json` dict), `l5_trained` (the "What
+    was trained" lines) and `l5_preds` (validation targets and predictions on the original scale)."""
     learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
     if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
     lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
     start = time.time()
     learn.fit_one_cycle(recipe.epochs, lr)
     elapsed = time.time() - start
-    value, preds = validation_score(learn, recipe)
-    metric = 'rmse' if recipe.is_regression else 'accuracy'
-    learn.l5_summary = dict(task=recipe.task, target=recipe.target, metric=metric, value=value, baseline=recipe.baseline(),
-                            target_transform=recipe.target_transform.kind, bs=recipe.bs, epochs=recipe.epochs, lr=lr,
-                            lr_source=lr_source)
+    value, learn.l5_preds = validation_score(learn, recipe)
+    learn.l5_summary = dict(task=recipe.task, target=recipe.target, metric='rmse' if recipe.is_regression else 'accuracy',
+                            value=value, baseline=recipe.baseline(), target_transform=recipe.target_transform.kind,
+                            bs=recipe.bs, epochs=recipe.epochs, lr=lr, lr_source=lr_source)
     learn.l5_trained = recipe.describe() + _training_lines(learn, learn.l5_summary, recipe.y_range(), elapsed)
+    return learn
+
+
+def write_summary(learn, out):
+    "Write `out/summary.json` (keys as `fastai-l5`'s docs list them) and `out/predictions.csv`; returns the json's path."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     (out / 'summary.json').write_text(json.dumps(learn.l5_summary, indent=2) + '\n')
-    preds.to_csv(out / 'predictions.csv', index=False)
+    learn.l5_preds.to_csv(out / 'predictions.csv', index=False)
+    return out / 'summary.json'
+
+
+def train_report(recipe, out='l5_report', lr=None, title='fastai_l5 report', progress=None, **kwargs):
+    "`train_recipe`, then `write_summary` and `write_report` to `out`; returns `(learn, path of report.html)`."
+    learn = train_recipe(recipe, lr=lr, progress=progress, **kwargs)
+    write_summary(learn, out)
     return learn, write_report(learn, out, title=title, trained=learn.l5_trained)
 
 
@@ -130,6 +144,57 @@ def _training_lines(learn, summary, y_range, elapsed):
              f'({y_range[0]:.4g}, {y_range[1]:.4g}) on the training scale'),
             ('result', f"validation {summary['metric']} {summary['value']:.4g} vs {summary['baseline']:.4g} for {const} "
                        f"({'better than' if better else 'NO BETTER THAN'} the constant), {elapsed:.1f} s of training")]
+
+
+# Where a report's links to the docs point: the site `fastai-l5 docs` writes to ./_site, next to ./l5_report
+DOCS_URL = '../_site/'
+
+# column -> (what it holds, the docs page that explains it). One name per quantity: the progress table's
+# per-epoch columns are epoch means of per-step log columns, and say which.
+LEGEND = {
+    'epoch': ('the epoch, from 0', None),
+    'step': ('the optimizer step, from 1 (steps that really ran)', None),
+    'layer': ('the layer (module path in the model)', None),
+    'train_loss': ("fastai's smoothed training loss at the end of the epoch (on the training scale of the target)", None),
+    'valid_loss': ('validation loss (training scale of the target); in bn_drift_precise_df: with the running BN statistics', None),
+    'rmse': ('validation root mean squared error on the original scale of the target', None),
+    'accuracy': ('share of validation rows classified right', None),
+    'mom_cos': ('epoch mean of cos_mom_grad (named cos_mom_grad in momentum_logger.csv)', '02_momentum'),
+    'mom_flip': ('epoch mean of sign_flip (named sign_flip in momentum_logger.csv)', '02_momentum'),
+    'dropout_p': ('epoch mean of the dropout p applied (p in dropout_schedule.csv)', '03_dropout'),
+    'valid_loss_precise': ('validation loss with population (PreciseBN) statistics instead of the running ones',
+                           '04_batchnorm'),
+    'grad_norm': ('‖g‖, the gradient of the layer', '02_momentum'),
+    'mom_norm': ("‖m‖, the optimizer's first-moment EWMA (momentum)", '02_momentum'),
+    'cos_mom_grad': ('⟨g, m⟩ / (‖g‖‖m‖): how much the gradient agrees with the momentum', '02_momentum'),
+    'sign_flip': ('share of entries where the gradient pushes against the momentum (g·m < 0)', '02_momentum'),
+    'update_norm': ('‖Δp‖, the change the step made to the parameters', '02_momentum'),
+    'param_norm': ('‖p‖ after the step', '02_momentum'),
+    'update_ratio': ('‖Δp‖ / ‖p‖', '02_momentum'),
+    'beta': ('the mom hyper-parameter of the step (EWMA window about 1/(1−β) steps)', '02_momentum'),
+    'sqr_avg_rms': ('√mean of the second moment (squared-gradient EWMA); NaN without one', '01_optim'),
+    'pct': ('share of training done at that batch, 0..1', '03_dropout'),
+    'p': ('the dropout probability the layer applied at that batch', '03_dropout'),
+    'mean_shift': ("|batch mean − running mean| / running sd, averaged over the layer's channels", '04_batchnorm'),
+    'var_shift': ("|log(batch variance / running variance)|, averaged over channels", '04_batchnorm'),
+    'mean_drift': ('how far the running mean moved since the fit began, in sds of the starting statistics', '04_batchnorm'),
+    'mean_gap': ('|running mean − population mean| / population sd, averaged over channels', '04_batchnorm'),
+    'var_gap': ('|log(running variance / population variance)|, averaged over channels', '04_batchnorm'),
+    'param': ('the parameter tensor', '01_optim'),
+    'numel': ('number of entries of the tensor', '01_optim'),
+    'mom': ("the parameter group's momentum hyper-parameter now", '01_optim'),
+    'grad_avg_norm': ("‖first moment‖ (fastai's grad_avg, torch's momentum_buffer or exp_avg)", '01_optim'),
+}
+
+
+def _legend_html(columns):
+    "A legend for `columns`: what each holds and the docs page that explains it."
+    items = []
+    for c in columns:
+        text, page = LEGEND.get(c, ('(not documented)', None))
+        link = f' <a class="doc" href="{DOCS_URL}{page}.html">{page}</a>' if page else ''
+        items.append(f'<dt>{html.escape(c)}</dt><dd>{html.escape(text)}{link}</dd>')
+    return f'<dl class="legend">{"".join(items)}</dl>'
 
 
 def _training_figure(learn):
@@ -155,7 +220,9 @@ def _figure_file(fig, out, name):
 
 
 def _table_html(df, max_rows=12):
-    return df.head(max_rows).to_html(index=False, float_format=lambda v: f'{v:.4g}', border=0, classes='tbl')
+    "The first `max_rows` rows as an HTML table, then a legend of its columns."
+    table = df.head(max_rows).to_html(index=False, float_format=lambda v: f'{v:.4g}', border=0, classes='tbl')
+    return table + _legend_html(df.columns)
 
 
 def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', trained=()):
@@ -166,7 +233,8 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
     rec = learn.recorder
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
     if trained: parts.append('<h2>What was trained</h2><table class="what">' + ''.join(
-        f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>')
+        f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>'
+        f'<p>Column legends link to the docs pages (the site <code>fastai-l5 docs</code> builds in ./_site).</p>')
     if rec.values:
         epochs = pd.DataFrame([list(v) for v in rec.values], columns=rec.metric_names[1:len(rec.values[0]) + 1])
         epochs.insert(0, 'epoch', range(len(epochs)))
@@ -197,4 +265,6 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
         "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.tbl{border-collapse:collapse;font-size:.85em}"
-        ".tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}h2{margin-top:2em}")
+        ".tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}h2{margin-top:2em}"
+        ".legend{display:grid;grid-template-columns:max-content auto;gap:0 1em;font-size:.8em;color:#555}"
+        ".legend dt{font-family:monospace}.legend dd{margin:0}.what th{text-align:left;padding-right:1em;vertical-align:top}")

