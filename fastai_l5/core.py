@@ -17,7 +17,7 @@ from fastcore.foundation import L
 from matplotlib.figure import Figure
 
 __all__ = ['StepCallback', 'LogTable', 'rank0_log', 'unwrap_model', 'layer_params', 'param_layer_names', 'plot_per_layer',
-           'check_in_range']
+           'new_figure', 'check_in_range']
 
 
 def check_in_range(name, value, lo=0., hi=1., lo_open=False, hi_open=True):
@@ -165,21 +165,40 @@ class StepCallback(Callback):
         self._epoch_value_metrics = L()
 
 
-def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=()):
-    """One subplot per column in `stats`, one line per layer: a `matplotlib.figure.Figure`
-    (made without pyplot, so a notebook shows it once and scripts stay headless)."""
+def _in_notebook():
+    try: from IPython import get_ipython
+    except ImportError: return False
+    return hasattr(get_ipython(), 'kernel')
+
+
+def new_figure(**kwargs):
+    """A figure for a `.plot()` to draw in. In a Jupyter kernel a plain `matplotlib.figure.Figure` (the notebook
+    shows the returned figure once); elsewhere a pyplot figure, so a script can `plt.show()` it (close it with
+    `plt.close(fig)` when done). `fig.savefig(path)` works in both."""
+    if _in_notebook(): return Figure(**kwargs)
+    import matplotlib.pyplot as plt
+    return plt.figure(**kwargs)
+
+
+def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(), ax=None):
+    """One panel per column in `stats`, one line per layer; returns the figure (see `new_figure`). With `ax`
+    (one stat only) it draws that single panel into the given matplotlib `Axes`."""
     stats = L(stats)
     if not len(df): raise ValueError("nothing logged yet: train with the callback attached, then plot")
     unknown = [s for s in stats if s not in df.columns]
     if unknown: raise ValueError(f"unknown stats {unknown}; choose from {list(df.columns)}")
+    if ax is not None and len(stats) != 1: raise ValueError(f"ax= draws one panel: pass one stat, not {len(stats)}")
     if layers is not None:
         layers = L(layers)
         bad = [l for l in layers if l not in set(df['layer'])]
         if bad: raise ValueError(f"unknown layers {bad}; logged layers are {sorted(set(df['layer']))}")
         df = df[df['layer'].isin(layers)]
-    ncols = min(ncols, len(stats)); nrows = math.ceil(len(stats) / ncols)
-    fig = Figure(figsize=(6 * ncols, 3.2 * nrows), layout='constrained')
-    axs = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    if ax is None:
+        ncols = min(ncols, len(stats)); nrows = math.ceil(len(stats) / ncols)
+        fig = new_figure(figsize=(6 * ncols, 3.2 * nrows), layout='constrained')
+        axs = fig.subplots(nrows, ncols, squeeze=False).flatten()
+        if title: fig.suptitle(title)
+    else: fig, axs = ax.figure, [ax]
     for ax, stat in zip(axs, stats):
         for layer, g in df.groupby('layer', sort=False):
             ax.plot(g[x].to_numpy(), g[stat].to_numpy(), label=str(layer), lw=1)
@@ -187,5 +206,4 @@ def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(
         if stat in L(logy): ax.set_yscale('log')
     for ax in axs[len(stats):]: ax.set_visible(False)
     axs[0].legend(fontsize='small', ncols=2)
-    if title: fig.suptitle(title)
     return fig

@@ -249,9 +249,9 @@ class DropoutSchedule(StepCallback):
         self._flush_rows()
         return self._table.df
 
-    def plot(self, layers=None, x='step'):
+    def plot(self, layers=None, x='step', ax=None):
         "The p applied to each dropout layer against `x` (`step` or `pct`): a `matplotlib.figure.Figure`."
-        return plot_per_layer(self.df, 'p', layers=layers, x=x, title='dropout p applied in training', ncols=1)
+        return plot_per_layer(self.df, 'p', layers=layers, x=x, title='dropout p applied in training', ncols=1, ax=ax)
 
 
 # A fit that raises skips `after_fit` (fastai's `_with_events` only catches its Cancel exceptions), and

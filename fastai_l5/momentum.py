@@ -236,7 +236,7 @@ class MomentumLogger(StepCallback):
     def _epoch_flip(self): return self._epoch_mean(_STATS.index('sign_flip'))
 
     def plot(self, stats=('grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_ratio', 'beta'),
-             layers=None):
+             layers=None, ax=None):
         "A `Figure` with one panel per statistic in `stats` and one line per layer (all layers when `layers` is None)."
-        return plot_per_layer(self.df, stats, layers=layers, title='MomentumLogger',
+        return plot_per_layer(self.df, stats, layers=layers, title='MomentumLogger', ax=ax,
                               logy=('grad_norm', 'mom_norm', 'update_norm', 'param_norm', 'update_ratio'))

@@ -16,10 +16,10 @@ from fastai.callback.progress import ProgressCallback
 from fastai.metrics import accuracy, rmse
 from fastai.tabular.all import tabular_config, tabular_learner
 from fastcore.foundation import L
-from matplotlib.figure import Figure
+import matplotlib.pyplot as plt
 
 from .batchnorm import BNDrift
-from .core import StepCallback
+from .core import StepCallback, new_figure
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
@@ -200,7 +200,7 @@ def _legend_html(columns):
 def _training_figure(learn):
     "Losses per batch, validation loss per epoch, and the lr and mom schedules fit_one_cycle applied."
     rec = learn.recorder
-    fig = Figure(figsize=(12, 3.4), layout='constrained')
+    fig = new_figure(figsize=(12, 3.4), layout='constrained')
     ax_loss, ax_lr, ax_mom = fig.subplots(1, 3)
     ax_loss.plot(L(rec.losses).map(float), label='train (smoothed)', lw=1)
     if rec.values:
@@ -216,6 +216,7 @@ def _training_figure(learn):
 
 def _figure_file(fig, out, name):
     fig.savefig(out / name, dpi=90)
+    plt.close(fig)  # outside notebooks `.plot()`s make pyplot figures: do not keep them open
     return name
 
 
