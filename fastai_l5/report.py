@@ -15,6 +15,7 @@ import pandas as pd
 from fastai.callback.progress import ProgressCallback
 from fastai.metrics import accuracy, rmse
 from fastai.tabular.all import tabular_config, tabular_learner
+from fastai.torch_core import set_seed
 from fastcore.foundation import L
 import matplotlib.pyplot as plt
 
@@ -99,11 +100,13 @@ def validation_score(learn, recipe):
     return value, pd.DataFrame({'target': truth, 'prediction': pred})
 
 
-def train_recipe(recipe, lr=None, progress=None, **kwargs):
+def train_recipe(recipe, lr=None, progress=None, seed=42, **kwargs):
     """Train an `instrumented_learner` on `recipe` (a `TabularRecipe`) with `fit_one_cycle(recipe.epochs, lr)`,
     `lr` from `find_lr` unless given. `progress`: draw progress bars (default: only when stdout is a
-    terminal). Returns the `Learner`, with `l5_summary` (the `summary.json` dict), `l5_trained` (the "What
-    was trained" lines) and `l5_preds` (validation targets and predictions on the original scale)."""
+    terminal). `seed` goes to fastai's `set_seed` first (None: leave the random state alone). Returns the
+    `Learner`, with `l5_summary` (the `summary.json` dict), `l5_trained` (the "What was trained" lines) and
+    `l5_preds` (validation targets and predictions on the original scale)."""
+    if seed is not None: set_seed(seed)
     learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
     if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
     lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
