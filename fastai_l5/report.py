@@ -1,6 +1,7 @@
 """The instrumented training run behind `fastai-l5 demo` and `fastai-l5 report`: a `tabular_learner`
-with every fastai_l5 callback attached, trained with `fit_one_cycle`, then written out as an HTML
-report with PNG plots and CSV logs."""
+on a `TabularRecipe` (see `fastai_l5.recipe`) with every fastai_l5 callback attached, trained with
+`fit_one_cycle` at the lr `lr_find` suggests, scored against a constant predictor, then written out as an
+HTML report ("What was trained", PNG plots, CSV logs with a legend for every column) and `summary.json`."""
 from __future__ import annotations
 
 import html
@@ -10,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from fastai.callback.progress import ProgressCallback
@@ -17,7 +19,6 @@ from fastai.metrics import accuracy, rmse
 from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 from fastcore.foundation import L
-import matplotlib.pyplot as plt
 
 from .batchnorm import BNDrift
 from .core import StepCallback, new_figure
