@@ -21,18 +21,20 @@ from torch import nn
 from .core import unwrap_model
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
-           'plot_finding']
+           'plot_finding', 'findings_section']
 
 COLUMNS = ['kind', 'severity', 'where', 'evidence', 'advice']
 
 # Every threshold of the diagnosis, with the evidence behind it (measured on diamonds and flights, 4,000-8,000
 # rows, layers [64, 32], adam() and sgd_momentum(), fit_one_cycle; nbs/07_diagnose.ipynb states them in prose).
 THRESHOLDS = dict(
-    # lr_too_high: the smoothed training loss ends >= `rise` x its minimum in the fit (healthy runs end at their
-    # minimum; lr 1000x too high ended at 2.2-15x) and either ends >= `explode` x where it started (training made
-    # it worse) or momentum and gradient fought over the last epoch: mean cos(m, g) < `fight_cos` (healthy
-    # 0.31-0.56) or mean sign_flip > `fight_flip` (healthy 0.26-0.38). A non-finite loss is divergence.
-    rise=1.5, explode=2., fight_cos=0.2, fight_flip=0.45,
+    # lr_too_high, three ways. A non-finite loss is divergence. Or the smoothed training loss ends >= `rise` x
+    # its minimum in the fit (healthy runs end at their minimum) and either >= `explode` x where it started or
+    # while momentum and gradient fight over the last epoch: mean cos(m, g) < `fight_cos` (healthy 0.31-0.56) or
+    # mean sign_flip > `fight_flip` (healthy 0.26-0.38). Or, after >= `few_steps` steps, it ends above its first
+    # value while the validation loss is >= `worse` x a constant predictor's (lr 1000x too high: 2.1-50x; the
+    # same nets after one step, 1.07-1.33x) and lr_too_low does not hold: the steps made the model worse.
+    rise=1.5, explode=2., fight_cos=0.2, fight_flip=0.45, worse=1.5,
     # lr_too_low: the median update/param ratio of the live layers over the last epoch below `low_ratio`, two
     # orders under the usual ~1e-3 (healthy 2e-4..8e-3; lr 1000x too low 2e-6), and the smoothed training loss
     # fell by less than `stuck` of its first value (healthy: 50-90%).
@@ -103,7 +105,7 @@ def _fmt(v): return f'{v:.3g}'
 # ---------------------------------------------------------------------------------------------
 # The kinds
 
-def _lr_too_high(learn, mom, th):
+def _lr_too_high(learn, mom, th, too_low=False):
     losses = _train_losses(learn)
     lr, n = _peak_lr(learn), _fit_epochs(learn)
     advice = (f"lower the learning rate tenfold, e.g. `learn.fit_one_cycle({n}, {_fmt(lr / 10)})`, "
@@ -114,16 +116,22 @@ def _lr_too_high(learn, mom, th):
         return _finding('lr_too_high', 'warn', '', f"the loss diverged: it became non-finite at batch {bad} of "
                         f"{len(losses)} with the lr peaking at {_fmt(lr)}.", advice)
     first, lo, last = float(losses[0]), float(losses.min()), float(losses[-1])
-    if last < th['rise'] * lo: return None
     rose = f"the training loss rose to {_fmt(last)}, {_fmt(last / lo)}x its minimum {_fmt(lo)}"
-    if last >= th['explode'] * first:
+    if last >= th['rise'] * lo and last >= th['explode'] * first:
         return _finding('lr_too_high', 'warn', '', f"{rose} and {_fmt(last / first)}x its first value {_fmt(first)}: "
                         f"it exploded at a peak lr of {_fmt(lr)}.", advice)
-    if mom is None: return None
-    cos, flip = float(mom['cos_mom_grad'].mean()), float(mom['sign_flip'].mean())
-    if not (cos < th['fight_cos'] or flip > th['fight_flip']): return None
-    return _finding('lr_too_high', 'warn', '', f"{rose}, while momentum and gradient fought over the last epoch "
-                    f"(mean cos_mom_grad {cos:.3f}, mean sign_flip {flip:.3f}) at a peak lr of {_fmt(lr)}.", advice)
+    if last >= th['rise'] * lo and mom is not None:
+        cos, flip = float(mom['cos_mom_grad'].mean()), float(mom['sign_flip'].mean())
+        if cos < th['fight_cos'] or flip > th['fight_flip']:
+            return _finding('lr_too_high', 'warn', '', f"{rose}, while momentum and gradient fought over the last "
+                            f"epoch (mean cos_mom_grad {cos:.3f}, mean sign_flip {flip:.3f}) at a peak lr of {_fmt(lr)}.",
+                            advice)
+    if too_low or last < first or len(losses) < th['few_steps'] or valid is None: return None
+    base = baseline_loss(learn)[0]
+    if valid < th['worse'] * base: return None
+    return _finding('lr_too_high', 'warn', '', f"after {len(losses)} steps the training loss ended at {_fmt(last)}, above "
+                    f"its first value {_fmt(first)}, and the validation loss {_fmt(valid)} is {_fmt(valid / base)}x a "
+                    f"constant predictor's {_fmt(base)}: at a peak lr of {_fmt(lr)} the steps made the model worse.", advice)
 
 
 def _live_layers(mom, th):
@@ -143,7 +151,7 @@ def _lr_too_low(learn, mom, th):
     lr, n = _peak_lr(learn), _fit_epochs(learn)
     new_lr = lr * min(1e3, 1e-3 / max(ratio, 1e-12))
     return _finding('lr_too_low', 'warn', '', f"the median update/param ratio over the last epoch was {ratio:.2e} "
-                    f"(the usual is ~1e-3) and the training loss moved only {100 * drop:.1f}% "
+                    f"(the usual is ~1e-3) and the training loss changed by only {-100 * drop:+.1f}% "
                     f"(from {_fmt(losses[0])} to {_fmt(losses[-1])}) at a peak lr of {_fmt(lr)}.",
                     f"raise the learning rate, e.g. `learn.fit_one_cycle({n}, {_fmt(new_lr)})`, "
                     "or pick one with `learn.lr_find()`")
@@ -286,10 +294,12 @@ def _worse_than_baseline(learn, th):
     cause = (f"; the fit ran only {n_steps} optimizer steps, a handful of batches" if n_steps < th['few_steps']
              else f" after {n_steps} optimizer steps")
     what = 'the class frequencies' if base_acc is not None else 'the training mean'
+    n_train = len(learn.dls.train_ds)
+    small_bs = max(16, 2 ** int(math.log2(max(n_train / 50, 1))))  # ~50 steps an epoch
     return _finding('worse_than_baseline', 'warn', '', f"the validation loss {_fmt(valid)} is no better than the "
                     f"{_fmt(base)} of a constant predictor ({what}){acc_txt}{cause}.",
-                    f"train for more steps: a smaller batch size (`bs=64` in the DataLoaders) or more epochs "
-                    f"(`learn.fit_one_cycle({4 * _fit_epochs(learn)}, {_fmt(_peak_lr(learn))})`), and see the other findings")
+                    f"train for more steps: a smaller batch (`bs={small_bs}` in the DataLoaders gives {n_train // small_bs} "
+                    f"steps an epoch) or more epochs, and see the other findings")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,13 +351,19 @@ def _batch_size(learn, th):
     how = (f"from {est['n_pairs']} pairs of batches of {est['b_small']} and {est['b_large']} rows, model in eval mode "
            f"(|G|²={est['g2']:.3g}, tr(Σ)={est['trace_sigma']:.3g})")
     if not math.isfinite(b):
-        return _finding('batch_size', 'info', '', f"the gradient noise scale could not be measured {how}: the "
-                        f"gradient's mean is lost in its noise, so B_simple is far above the batch size {bs}.",
-                        "nothing to change; near a minimum larger batches would help")
-    if bs > th['bs_factor'] * b: verdict = (f"batches much larger than B_simple buy little per example: "
-                                            f"bs={max(8, int(round(b)))} would learn as much per step from fewer rows")
-    elif bs < b / th['bs_factor']: verdict = (f"the gradient is noisy at this batch size: a larger one, e.g. "
-                                              f"bs={int(round(b))}, would take fewer steps for the same rows")
+        return _finding('batch_size', 'info', '', f"the gradient noise scale could not be measured {how}: |G|² "
+                        "came out <= 0, the mean gradient lost in its noise (near a minimum, or where the gradients "
+                        f"vanish), so B_simple is above what batches of {bs} can resolve.",
+                        "nothing to change on this evidence; measure again with more pairs, "
+                        "`grad_noise_scale(learn, n_pairs=16)`")
+    later = "; B_simple grows as the loss falls, so measure again later in training"
+    if bs > th['bs_factor'] * b:
+        verdict = (f"the batch is {bs / b:.0f}x the noise scale, so most of it averages away noise that is already "
+                   f"small: a smaller batch (e.g. `bs={max(16, int(round(b)))}` in the DataLoaders) makes more progress "
+                   f"per example{later}")
+    elif bs < b / th['bs_factor']:
+        verdict = (f"the gradient is noisy at this batch size: a larger one (e.g. `bs={int(round(b))}` in the "
+                   f"DataLoaders) takes fewer steps for the same progress{later}")
     else: verdict = "the batch size is in the efficient range, nothing to change"
     return _finding('batch_size', 'info', '', f"the gradient noise scale B_simple is {b:.3g} against a batch size "
                     f"of {bs}, {how}.", verdict)
@@ -381,9 +397,10 @@ def diagnose(learn, new_df=None, thresholds=None):
     rows = []
     mom = _cb_df(learn, 'momentum_logger')
     mom = _last_epoch(mom) if mom is not None else None
-    rows.append(_lr_too_high(learn, mom, th))
     diverged = not np.isfinite(_train_losses(learn)).all()  # then gradient norms say nothing about dead layers
-    if mom is not None: rows += [_lr_too_low(learn, mom, th), None if diverged else _dead_layer(mom, th)]
+    too_low = _lr_too_low(learn, mom, th) if mom is not None and not diverged else None
+    rows += [_lr_too_high(learn, mom, th, too_low is not None), too_low]
+    if mom is not None: rows.append(None if diverged else _dead_layer(mom, th))
     else: rows.append(_info_missing('lr_too_low, dead_layer and the momentum half of lr_too_high', 'MomentumLogger()'))
     if _has(learn.model, nn.modules.batchnorm._BatchNorm):
         pdf = _cb_df(learn, 'bn_drift', 'precise_df')
@@ -493,3 +510,18 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
     else: return None
     ax.legend(fontsize='small')
     return fig
+
+
+def findings_section(learn, out, new_df=None):
+    """The report's opening section: `diagnose(learn, new_df)` as HTML with a PNG per finding that a picture
+    helps (written into the folder `out`), and the frame itself as `out/findings.csv`. Returns `(html, findings)`."""
+    findings = diagnose(learn, new_df)
+    findings.to_csv(f'{out}/findings.csv', index=False)
+    figures = {}
+    for i, r in findings.iterrows():
+        fig = plot_finding(learn, r, new_df)
+        if fig is None: continue
+        name = f"finding_{i}_{r['kind']}.png"
+        fig.savefig(f'{out}/{name}', dpi=90)
+        figures[f"{r['kind']} {r['where']}".strip()] = name
+    return findings_html(findings, figures), findings

@@ -132,6 +132,8 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes=''):
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rec = learn.recorder
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
+    from .diagnose import findings_section  # Findings open the report, before any plot
+    parts.append(findings_section(learn, out)[0])
     if rec.values:
         epochs = pd.DataFrame([list(v) for v in rec.values], columns=rec.metric_names[1:len(rec.values[0]) + 1])
         epochs.insert(0, 'epoch', range(len(epochs)))
