@@ -515,7 +515,10 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
 def findings_section(learn, out, new_df=None):
     """The report's opening section: `diagnose(learn, new_df)` as HTML with a PNG per finding that a picture
     helps (written into the folder `out`), and the frame itself as `out/findings.csv`. Returns `(html, findings)`."""
-    findings = diagnose(learn, new_df)
+    try: findings = diagnose(learn, new_df)
+    except ValueError as e:  # nothing to diagnose (no fit, or its history reset): say so where the findings go
+        pd.DataFrame(columns=COLUMNS).to_csv(f'{out}/findings.csv', index=False)
+        return f'<h2>Findings</h2><p>{html.escape(str(e))}</p>', pd.DataFrame(columns=COLUMNS)
     findings.to_csv(f'{out}/findings.csv', index=False)
     figures = {}
     for i, r in findings.iterrows():

@@ -15,7 +15,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 from fastai_l5.all import (BNDrift, DropoutSchedule, MomentumLogger, THRESHOLDS, adam, baseline_loss, diagnose,
-                           example_df, example_dls, findings_html, findings_lines, grad_noise_scale, plot_finding,
+                           example_df, example_dls, findings_html, findings_lines, findings_section, grad_noise_scale, plot_finding,
                            sgd_momentum)
 from fastai_l5.diagnose import _flat_grad, _untouched
 
@@ -146,25 +146,33 @@ def row(f, kind): return f[f['kind'] == kind].iloc[0]
 
 
 def test_evidence_lr_too_high_rose():
-    "Both ways a finite run is caught (it exploded, or it ended worse than it began and than a constant) hold their numbers."
+    """The three ways a finite run is caught hold their numbers: it exploded (seed 2), momentum and gradient
+    fought (seed 5), or it ended worse than it began and than a constant (seed 0)."""
     seen = set()
-    for seed in (0, 2):
+    for seed in (0, 2, 5):
         learn = fitted('diamonds', 'adam', 3., seed=seed)
         ev = row(diagnose(learn), 'lr_too_high')['evidence']
         losses = np.array([float(v) for v in learn.recorder.losses])
+        mom = _last_epoch_rows(learn.momentum_logger.df)
         if 'exploded' in ev:
             last, ratio_min, lo, ratio_first, first, lr = numbers(ev)
-            assert close(lo, losses.min()) and close(ratio_min, losses[-1] / losses.min())
             assert close(ratio_first, losses[-1] / losses[0]) and ratio_first >= THRESHOLDS['explode']
+            assert close(first, losses[0])
+        elif 'fought' in ev:
+            last, ratio_min, lo, cos, flip, lr = numbers(ev)
+            assert abs(cos - mom['cos_mom_grad'].mean()) <= 5e-4 and abs(flip - mom['sign_flip'].mean()) <= 5e-4  # 3 decimals
+            assert cos < THRESHOLDS['fight_cos'] or flip > THRESHOLDS['fight_flip']
         else:
             steps, last, first, valid, ratio, base, lr = numbers(ev)
-            assert steps == len(losses) >= THRESHOLDS['few_steps']
+            assert steps == len(losses) >= THRESHOLDS['few_steps'] and close(first, losses[0]) and last >= first
             assert close(valid, learn.recorder.values[-1][1]) and close(base, baseline_loss(learn)[0])
             assert close(ratio, valid / base, rel=1e-2) and ratio >= THRESHOLDS['worse']
-        assert close(last, losses[-1]) and close(first, losses[0]) and last >= first
-        assert close(lr, max(learn.recorder.lrs))
-        seen.add('exploded' in ev)
-    assert seen == {True, False}
+        if 'minimum' in ev:
+            assert close(lo, losses.min()) and close(ratio_min, losses[-1] / losses.min())
+            assert ratio_min >= THRESHOLDS['rise']
+        assert close(last, losses[-1]) and close(lr, max(learn.recorder.lrs))
+        seen.add(('exploded' in ev, 'fought' in ev))
+    assert len(seen) == 3
 
 
 def test_evidence_lr_too_high_diverged():
@@ -336,6 +344,12 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match='unknown thresholds'): diagnose(learn, thresholds={'rize': 2})
     fresh = make_learner('diamonds', 'adam', n_rows=2000)
     with pytest.raises(ValueError, match='fit first'): diagnose(fresh)
+
+
+def test_findings_section_says_why_when_there_is_nothing_to_diagnose(tmp_path):
+    page, f = findings_section(make_learner('diamonds', 'adam', n_rows=2000), tmp_path)
+    assert page.startswith('<h2>Findings</h2>') and 'fit first' in page and not len(f)
+    assert list(pd.read_csv(tmp_path / 'findings.csv').columns) == ['kind', 'severity', 'where', 'evidence', 'advice']
 
 
 def test_rendering_terminal_html_and_plots():
