@@ -467,14 +467,19 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
     or None for a kind a picture does not help (`batch_size`, `healthy`, `missing_callback`)."""
     th = {**THRESHOLDS, **(thresholds or {})}
     kind, where = finding['kind'], finding['where']
-    if kind in ('lr_too_high', 'lr_too_low', 'worse_than_baseline'):
+    if kind == 'lr_too_low':
+        mom = learn.momentum_logger.df
+        fig, ax = _axes('lr_too_low: update/param ratio per layer')
+        for layer, g in mom.groupby('layer', sort=False): ax.plot(g['step'], g['update_ratio'], lw=.8, label=str(layer))
+        ax.axhline(1e-3, c='k', lw=1, label='the usual ~1e-3')
+        ax.axhline(th['low_ratio'], ls='--', c='r', label='threshold')
+        ax.set_yscale('log'); ax.set_xlabel('step')
+    elif kind in ('lr_too_high', 'worse_than_baseline'):
         losses = _train_losses(learn)
         fig, ax = _axes(f'{kind}: training loss')
         ax.plot(np.arange(1, len(losses) + 1), losses, label='training loss (smoothed)')
         if kind == 'lr_too_high':
             ax.axhline(th['rise'] * np.nanmin(losses), ls='--', c='r', label=f"{th['rise']}x its minimum")
-        elif kind == 'lr_too_low':
-            ax.axhline((1 - th['stuck']) * losses[0], ls='--', c='r', label=f"{100 * th['stuck']:.0f}% below the start")
         else:
             ax.axhline(th['baseline'] * baseline_loss(learn)[0], ls='--', c='r', label=f"{th['baseline']}x constant predictor")
             valid = _epoch_value(learn, 'valid_loss')
@@ -508,7 +513,7 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
         ax.axhline(3., ls='--', c='r', label='bn_shift threshold'); ax.set_yscale('log')
         ax.tick_params(axis='x', rotation=45)
     else: return None
-    ax.legend(fontsize='small')
+    ax.legend(fontsize='x-small', ncols=2)
     return fig
 
 
