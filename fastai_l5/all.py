@@ -7,3 +7,4 @@ from .momentum import *
 from .dropout import *
 from .batchnorm import *
 from .distributed import *
+from .diagnose import *

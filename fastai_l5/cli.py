@@ -71,6 +71,9 @@ def _summary(learn, path, name):
     for attr, _, _ in SECTIONS:
         cb = getattr(learn, attr, None)
         if cb is not None: lines.append(f"  {attr}: {len(cb.df):,} rows logged")
+    import pandas as pd
+    from .diagnose import findings_lines
+    lines += findings_lines(pd.read_csv(Path(path).parent / 'findings.csv', keep_default_na=False))
     lines.append(f"report: {Path(path).resolve()}")
     return '\n'.join(lines)
 

@@ -22,6 +22,7 @@ from fastcore.foundation import L
 
 from .batchnorm import BNDrift
 from .core import StepCallback, new_figure
+from .diagnose import findings_section
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
@@ -237,6 +238,7 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rec = learn.recorder
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
+    parts.append(findings_section(learn, out)[0])  # Findings open the report, before any plot
     if trained: parts.append('<h2>What was trained</h2><table class="what">' + ''.join(
         f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>'
         f'<p>Column legends link to the docs pages (the site <code>fastai-l5 docs</code> builds in ./_site).</p>')
