@@ -6,3 +6,4 @@ from .momentum import *
 from .dropout import *
 from .batchnorm import *
 from .distributed import *
+from .loggers import *
