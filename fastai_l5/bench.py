@@ -294,10 +294,13 @@ def _watched(learn, freq):
     if freq is None: yield; return
     import wandb
     from fastai.callback.wandb import WandbCallback
-    WandbCallback._wandb_watch_called = True   # fastai's callback would watch once per process, at log_freq=1000
+    called = WandbCallback._wandb_watch_called
+    WandbCallback._wandb_watch_called = True   # else fastai's callback watches (once per process) at log_freq=1000
     wandb.watch(learn.model, log='gradients', log_freq=freq)
     try: yield
-    finally: wandb.unwatch(learn.model)
+    finally:
+        wandb.unwatch(learn.model)
+        WandbCallback._wandb_watch_called = called
 
 
 # ---------------------------------------------------------------------------------------------
