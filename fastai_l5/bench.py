@@ -6,7 +6,8 @@ Five sections, each a `DataFrame` whose rows state their target and whether it w
    callbacks, all three, fastai's `ActivationStats`, `ReadFloor` (the least any per-step optimizer telemetry
    costs: copy p, then read g, p, the copy and the optimizer state once), and, when `wandb` is installed,
    fastai's `WandbCallback` (offline) alone, with W&B's gradient histograms (`wandb.watch(log='gradients')`
-   at `log_freq` 1000, 10 and 1) and with `MomentumLogger` sending its columns to it. Variants run interleaved
+   at `log_freq` 1000, 10 and 1) and with `MomentumLogger` sending its columns to it, and likewise
+   fastai's `TensorBoardCallback` alone and with `MomentumLogger` sending to it. Variants run interleaved
    (A B C … A B C …) after a warm-up round; every run builds a fresh learner from the same seed and times only
    the fit. Two measures per variant:
    - `ratio`: the median over rounds of t(variant)/t(plain) *within* a round, so slow phases of a shared
@@ -83,7 +84,7 @@ class BenchConfig:
     rounds: int = 5                      # counted rounds of the overhead section, after `warmup` rounds
     warmup: int = 1
     threads: tuple = (None, 1)           # torch threads of the overhead section's passes (None: torch's default)
-    wandb: bool = True                   # the W&B rows, when wandb is installed
+    wandb: bool = True                   # the W&B and TensorBoard rows, when wandb and tensorboard are installed
     wandb_freqs: tuple = (1000, 10, 1)   # wandb.watch(log='gradients') log_freq of the W&B reference rows
     deep_depth: int = 20
     deep_widths: list = field(default_factory=lambda: [64, 256])
@@ -135,7 +136,8 @@ ROLE_COLUMNS = {'baseline': dict(target='baseline', status='baseline'),
                 'noise': dict(target='reference (noise floor)', status='info'),
                 'floor': dict(target='reference (read floor)', status='info'),
                 'reference': dict(target='reference', status='info'),
-                'wandb': dict(target='reference (W&B)', status='info')}
+                'wandb': dict(target='reference (W&B)', status='info'),
+                'tensorboard': dict(target='reference (TensorBoard)', status='info')}
 
 
 def _paired(times, base):
@@ -220,6 +222,7 @@ class ReadFloor(Callback):
 
 READ_FLOOR = '+read floor (reference)'
 WANDB_ALONE = '+W&B (WandbCallback, log=None)'
+TB_ALONE = '+TensorBoard (TensorBoardCallback)'
 
 
 def _wandb_name(freq): return f'+W&B gradients, log_freq={freq}'
@@ -234,8 +237,8 @@ def _floor_target(rows):
     return 'share', FLOOR_FACTOR * floor, f'share <= {FLOOR_FACTOR}x read floor ({FLOOR_FACTOR * floor:.2%})'
 
 
-def _variants(cfg, with_wandb=False):
-    "Every overhead variant, plain first."
+def _variants(cfg, with_wandb=False, tb_dir=None):
+    "Every overhead variant, plain first; the W&B ones `with_wandb`, the TensorBoard ones writing under `tb_dir`."
     from .momentum import MomentumLogger
     from .dropout import DropoutSchedule
     from .batchnorm import BNDrift
@@ -261,11 +264,18 @@ def _variants(cfg, with_wandb=False):
         v += [Variant(_wandb_name(f), lambda: [wandb_cb()], 'wandb', watch_freq=f) for f in cfg.wandb_freqs]
         v += [Variant('+MomentumLogger -> W&B', lambda: [MomentumLogger(), wandb_cb()], 'wandb'),
               Variant('+MomentumLogger(every=10) -> W&B', lambda: [MomentumLogger(every=10), wandb_cb()], 'wandb')]
+    if tb_dir is not None:
+        from fastai.callback.tensorboard import TensorBoardCallback
+        tb_cb = lambda: TensorBoardCallback(tempfile.mkdtemp(dir=tb_dir), trace_model=False, log_preds=False)
+        v += [Variant(TB_ALONE, lambda: [tb_cb()], 'tensorboard'),
+              Variant('+MomentumLogger -> TensorBoard', lambda: [MomentumLogger(), tb_cb()], 'tensorboard'),
+              Variant('+MomentumLogger(every=10) -> TensorBoard', lambda: [MomentumLogger(every=10), tb_cb()],
+                      'tensorboard')]
     return v
 
 
-def _wandb_available():
-    try: import wandb  # noqa: F401
+def _installed(module):
+    try: __import__(module)
     except ImportError: return False
     return True
 
@@ -400,11 +410,12 @@ def _threads(n):
 def overhead_section(dls, cfg, keep):
     """Every variant's fit time, its ratio to the plain fit of the same round and its in-callback share, at each
     thread count of `cfg.threads`. Returns the rows and the first pass's `(wall times, (cpu, share))`."""
-    with_wandb = cfg.wandb and _wandb_available()
-    if cfg.wandb and not with_wandb: _log("overhead: wandb is not installed, so no W&B rows (pip install fastai_l5[loggers])")
-    variants = _variants(cfg, with_wandb)
+    with_wandb, with_tb = cfg.wandb and _installed('wandb'), cfg.wandb and _installed('tensorboard')
+    if cfg.wandb and not (with_wandb and with_tb):
+        _log("overhead: wandb or tensorboard is not installed, so not all logger rows (pip install fastai_l5[loggers])")
     frames, first, done = [], None, set()
-    with _wandb_run(with_wandb):
+    with _wandb_run(with_wandb), tempfile.TemporaryDirectory() as tb_dir:
+        variants = _variants(cfg, with_wandb, tb_dir if with_tb else None)
         for n in cfg.threads:
             with _threads(n) as threads:
                 if threads in done: continue   # torch's default is this count already

@@ -54,7 +54,7 @@ def _parser():
     bench.add_argument('--quick', action='store_true', help='a one-minute smoke run')
     bench.add_argument('--only', nargs='+', metavar='SECTION',
                        help='run only these sections: overhead, optimizer, precise_bn, memory, scaling')
-    bench.add_argument('--no-wandb', action='store_true', help='leave out the W&B rows of the overhead section')
+    bench.add_argument('--no-wandb', action='store_true', help='leave out the W&B and TensorBoard rows of the overhead section')
     bench.add_argument('--out', default='l5_bench', help='folder for the CSV and JSON results (default ./l5_bench)')
     docs = sub.add_parser('docs', help='render nbs/ to the HTML docs site (run from a checkout)')
     docs.add_argument('--out', default='_site', help='folder for the site (default ./_site)')

@@ -65,7 +65,8 @@ def test_ratios_are_finite_positive(quick):
 
 OURS = ['+MomentumLogger', '+MomentumLogger(every=10)', '+DropoutSchedule', '+BNDrift', '+all three']
 WANDB = ['+W&B (WandbCallback, log=None)', '+W&B gradients, log_freq=1000', '+W&B gradients, log_freq=10',
-         '+W&B gradients, log_freq=1', '+MomentumLogger -> W&B', '+MomentumLogger(every=10) -> W&B']
+         '+W&B gradients, log_freq=1', '+MomentumLogger -> W&B', '+MomentumLogger(every=10) -> W&B',
+         '+TensorBoard (TensorBoardCallback)', '+MomentumLogger -> TensorBoard', '+MomentumLogger(every=10) -> TensorBoard']
 
 
 def test_overhead_rows(quick):
@@ -174,7 +175,7 @@ def test_unknown_section_is_a_usage_error(capsys):
 
 
 def test_every_variant_has_an_explicit_role():
-    variants = fb._variants(fb.BenchConfig.quick(), with_wandb=True)
+    variants = fb._variants(fb.BenchConfig.quick(), with_wandb=True, tb_dir='unused')
     assert len({v.name for v in variants}) == len(variants)
     for v in variants:
         assert (v.role == 'ours') == (v.target is not None), v.name
