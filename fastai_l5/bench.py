@@ -32,10 +32,12 @@ ratios in noise: the one-thread rows are the steadier ones there (the thread cou
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
 import gc
+import io
 import json
 import math
 import os
@@ -102,9 +104,9 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kwargs):
-        "Tiny sizes, one round: checks that everything runs, its numbers mean nothing."
-        return cls(**{**dict(n_rows=3_000, bs=256, layers=[40, 20], rounds=1, warmup=0, deep_widths=[16], opt_rounds=2,
-                             opt_steps=5, opt_warmup=1, pbn_batches=5, pbn_rounds=1, scale_rows=1_500,
+        "Tiny sizes, one round, one thread: checks that everything runs in about a minute; its numbers mean nothing."
+        return cls(**{**dict(n_rows=3_000, bs=256, layers=[40, 20], rounds=1, warmup=0, threads=(1,), deep_widths=[16],
+                             opt_rounds=2, opt_steps=5, opt_warmup=1, pbn_batches=5, pbn_rounds=1, scale_rows=1_500,
                              widths=[[20, 10]], row_counts=[1_500], scale_rounds=1, scale_warmup=0, is_quick=True),
                       **kwargs})
 
@@ -381,7 +383,9 @@ def _fit_runs(dls, layers, p, variants, keep, extra):
             keep.pop(v.name, None)
             cbs = v.make_cbs()
             learn = _learner(dls, layers, p, cbs)
-            with _watched(learn, v.watch_freq):
+            # fastai's WandbCallback prints a config warning each fit: kept out of the table
+            quiet = contextlib.redirect_stdout(io.StringIO()) if v.role == 'wandb' else contextlib.nullcontext()
+            with _watched(learn, v.watch_freq), quiet:
                 wall, c, share = _timed_fit(learn, [type(cb) for cb in cbs] + [_LoggerBridge])
             keep[v.name] = learn
             extra.setdefault(v.name, []).append((c, share))
