@@ -8,3 +8,4 @@ from .dropout import *
 from .batchnorm import *
 from .distributed import *
 from .diagnose import *
+from .loggers import *

@@ -57,8 +57,11 @@ def _parser():
     rep.add_argument('--cont', nargs='*', default=[], help='continuous columns (others are sorted by dtype)')
     rep.add_argument('--drop', nargs='*', default=[], help='columns to leave out')
     rep.add_argument('--log-target', action='store_true', help='train on log(target) (default: when positive and skewed)')
-    bench = sub.add_parser('bench', help='the benchmark table (overhead, optimizer step, precise_bn, memory)')
+    bench = sub.add_parser('bench', help='the benchmark table (overhead, optimizer step, precise_bn, memory, scaling)')
     bench.add_argument('--quick', action='store_true', help='a one-minute smoke run')
+    bench.add_argument('--only', nargs='+', metavar='SECTION',
+                       help='run only these sections: overhead, optimizer, precise_bn, memory, scaling')
+    bench.add_argument('--no-wandb', action='store_true', help='leave out the W&B and TensorBoard rows of the overhead section')
     bench.add_argument('--out', default='l5_bench', help='folder for the CSV and JSON results (default ./l5_bench)')
     docs = sub.add_parser('docs', help='render nbs/ to the HTML docs site (run from a checkout)')
     docs.add_argument('--out', default='_site', help='folder for the site (default ./_site)')
@@ -108,8 +111,12 @@ def _report(args):
 
 
 def _bench(args):
-    from .bench import bench
-    bench(quick=args.quick, out=args.out)
+    from .bench import BenchConfig, bench
+    cfg = (BenchConfig.quick if args.quick else BenchConfig)(wandb=not args.no_wandb)
+    try: bench(out=args.out, only=args.only, config=cfg)
+    except ValueError as e:
+        if 'bench section' in str(e): raise UsageError(str(e)) from e
+        raise
 
 
 def _docs(args):

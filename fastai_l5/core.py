@@ -55,7 +55,12 @@ class LogTable:
 
     With `path`, every flushed block is also appended to a CSV file as training goes (a crash loses
     at most the unflushed rows); with `keep=False` too, memory holds only the unflushed rows and
-    `.df` reads the file back."""
+    `.df` reads the file back.
+
+    `sink`, when set, is called with every block `flush` moves to the host (a dict column -> numpy array):
+    how the rows also reach TensorBoard or W&B (`fastai_l5.loggers`)."""
+    sink = None
+
     def __init__(self, columns, path=None, keep=True, flush_every=64):
         if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
         self.columns, self.path, self.keep, self.flush_every = list(columns), path, keep, flush_every
@@ -86,6 +91,7 @@ class LogTable:
         if self.path is not None:
             pd.DataFrame(block, columns=self.columns).to_csv(self.path, mode='a', header=False, index=False)
         if self.keep: self._blocks.append(block)
+        if self.sink is not None: self.sink(block)
 
     def __len__(self): return self._n_rows + sum(k for k, _ in self._pending)
 
@@ -154,6 +160,8 @@ class StepCallback(Callback):
     def after_cancel_step(self): self.__dict__['_step_cancelled'] = True
 
     def before_fit(self):
+        from .loggers import attach_sinks  # here, not at the top: loggers imports this module
+        attach_sinks(self)  # the one place our tables are wired to TensorBoard / W&B
         self._epoch_value_metrics = L()
         if self.learn.logger is noop or not self.epoch_columns: return
         self._epoch_value_metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())

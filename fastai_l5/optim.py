@@ -9,6 +9,7 @@ S(t) = α·g(t) + (1−α)·S(t−1), S(0) = 0, here written with β = 1−α (f
 geometrically, sum to 1−βᵗ (hence `debias`), and average over about 1/(1−β) steps."""
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from functools import partial
@@ -25,7 +26,7 @@ from fastcore.foundation import L
 from .core import check_in_range, param_layer_names
 
 __all__ = ['ForeachOptimizer', 'ForeachSGD', 'ForeachRMSProp', 'ForeachAdam', 'sgd_momentum', 'rmsprop',
-           'adam', 'opt_state', 'ewma_weights', 'effective_window', 'debias_factor']
+           'adam', 'fused_kernel_runs', 'opt_state', 'ewma_weights', 'effective_window', 'debias_factor']
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,6 +80,33 @@ def _fusable_tensors(ps, grads):
             and all(map(torch.Tensor.is_contiguous, ps + grads)))
 
 
+@functools.cache
+def fused_kernel_runs(name, device, dtype):
+    """Whether `torch.{name}` (a private fused optimizer kernel, `_fused_sgd_`, `_fused_adam_` or `_fused_adamw_`)
+    exists in this torch and computes a known first step on one-element tensors of this `device` and `dtype`. Tried
+    once per (kernel, device, dtype); when it does not, a warning says so once and the optimizers step those
+    parameters with `torch._foreach_*` kernels instead. (`setup.cfg` allows torch ≥ 2.1, whose CPU has no fused
+    kernels; the kernels' names and signatures are not public.) `fused_kernel_runs.cache_clear()` forgets the answers."""
+    try:
+        kernel = getattr(torch, name)
+        one = lambda v=0.: torch.full((1,), v, device=device, dtype=dtype)
+        p = one()
+        if name == '_fused_sgd_':
+            kernel([p], [one(1.)], [one()], weight_decay=0., momentum=0.9, lr=0.1, dampening=0., nesterov=False,
+                   maximize=False, is_first_step=False)
+        else:
+            kernel([p], [one(1.)], [one()], [one()], [], _step_tensors(1, [p]), lr=0.1, beta1=0.9, beta2=0.99,
+                   weight_decay=0., eps=1e-8, amsgrad=False, maximize=False)
+        # SGD: p = −lr·g; Adam(W) at step 1: p = −lr·m̂/(√v̂ + eps) with m̂ = g, v̂ = g²: both −0.1
+        if not math.isclose(p.item(), -0.1, rel_tol=1e-2): raise ValueError(f"computed {p.item()!r} where -0.1 was due")
+        return True
+    except Exception as e:
+        warn(f"fastai_l5: torch {torch.__version__}'s fused kernel torch.{name} does not run on {dtype} tensors on "
+             f"{device} ({type(e).__name__}: {e}); those parameters are stepped with torch._foreach_* kernels instead "
+             "(the same update, more passes over memory)", stacklevel=2)
+        return False
+
+
 def _step_tensors(step, ps):
     "The per-parameter step counts torch's fused Adam kernel reads: one shared float tensor on the parameters' device."
     return [torch.full((), float(step), device=ps[0].device)] * len(ps)
@@ -104,6 +132,14 @@ class ForeachOptimizer(Optimizer):
         self.decouple_wd, self.fused = decouple_wd, fused
         self._plan, self._plan_sig = [], None
         super().__init__(params, cbs=[], lr=lr, **hypers)
+        # try the fused kernel now, not inside the first step (a missing one warns as the optimizer is made)
+        for p in self.all_params().itemgot(0): self._kernel_runs(p)
+
+    fused_kernel = None  # the name of the `torch._fused_*` kernel `fused_update` calls
+
+    def _kernel_runs(self, p):
+        "Whether this optimizer's fused kernel runs on parameters like `p` (asked once per kernel, device and dtype)."
+        return self.fused and self.fused_kernel is not None and fused_kernel_runs(self.fused_kernel, p.device, p.dtype)
 
     @property
     def config(self):
@@ -161,7 +197,7 @@ class ForeachOptimizer(Optimizer):
         for hyper, do_wd, step, ps, grads, states in self._buckets():
             bufs = {k: [st[k] for st in states] for k in self.state_keys}
             wd = hyper.get('wd', 0.) if do_wd else 0.
-            if self.fused and self._fusable(**hyper) and _fusable_tensors(ps, grads):
+            if self.fused and self._fusable(**hyper) and _fusable_tensors(ps, grads) and self._kernel_runs(ps[0]):
                 self.fused_update(ps, grads, step=step, **bufs, **{**hyper, 'wd': wd})
             else: self.update(ps, self._decay(ps, grads, hyper['lr'], wd), step=step, **bufs, **hyper)
 
@@ -261,6 +297,8 @@ class ForeachSGD(ForeachOptimizer):
 
     def _debias(self, mom, step): return 1 / debias_factor(mom, step) if self.debias else 1.
 
+    fused_kernel = '_fused_sgd_'
+
     def _fusable(self, mom, **_): return mom > 0  # with mom = 0 torch's kernel would not write grad_avg
 
     def fused_update(self, ps, grads, step, grad_avg, lr, mom, wd, **_):
@@ -305,6 +343,7 @@ class ForeachRMSProp(ForeachOptimizer):
             torch._foreach_add_(ps, grad_avg, alpha=-lr)
         else: torch._foreach_addcdiv_(ps, grads, denom, value=-lr)
 
+    fused_kernel = '_fused_adam_'
     _NO_DEBIAS_STEP = 2 ** 40  # sqr_mom ** step is 0 in float64: 1 − sqr_momᵗ = 1 exactly
 
     def _fusable(self, sqr_mom, **_):
@@ -337,11 +376,13 @@ class ForeachAdam(ForeachOptimizer):
 
     def _fusable(self, **_): return True
 
+    # torch's AdamW kernel decays p ← p·(1−lr·wd) first; its Adam kernel adds wd·p to g (L2)
+    @property
+    def fused_kernel(self): return '_fused_adamw_' if self.decouple_wd else '_fused_adam_'
+
     def fused_update(self, ps, grads, step, grad_avg, sqr_avg, lr, mom, sqr_mom, eps, wd, **_):
-        # torch's AdamW kernel decays p ← p·(1−lr·wd) first; its Adam kernel adds wd·p to g (L2)
-        kernel = torch._fused_adamw_ if self.decouple_wd else torch._fused_adam_
-        kernel(ps, grads, grad_avg, sqr_avg, [], _step_tensors(step, ps), lr=lr, beta1=mom, beta2=sqr_mom,
-               weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        getattr(torch, self.fused_kernel)(ps, grads, grad_avg, sqr_avg, [], _step_tensors(step, ps), lr=lr, beta1=mom,
+                                          beta2=sqr_mom, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
 
 
 # ---------------------------------------------------------------------------------------------------

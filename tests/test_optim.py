@@ -464,3 +464,46 @@ def test_opt_state_of_bare_optimizer():
     with pytest.raises(TypeError, match='opt_state reads'): opt_state(model)
     with pytest.raises(ValueError, match='no optimizer yet'):
         opt_state(Learner(None, model, loss_func=MSELossFlat()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused kernels that are missing or broken: the foreach path takes over
+
+@pytest.fixture
+def fresh_kernel_checks():
+    "Forget which fused kernels run, before and after the test (so the real kernels are tried again afterwards)."
+    fused_kernel_runs.cache_clear()
+    yield
+    fused_kernel_runs.cache_clear()
+
+
+def _broken_kernel(*args, **kwargs): raise NotImplementedError("no kernel for this device and dtype in this build")
+
+
+@pytest.mark.parametrize('how', ['missing', 'raising'])
+@pytest.mark.parametrize('opt_func,kernel,torch_cls,torch_kw', [
+    (adam(0.9, 0.99, eps=1e-5, wd=1e-2), '_fused_adamw_', torch.optim.AdamW,
+     dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=1e-2)),
+    (sgd_momentum(0.9, dampening=False, wd=1e-2, decouple_wd=False), '_fused_sgd_', torch.optim.SGD,
+     dict(momentum=0.9, weight_decay=1e-2))], ids=['adamw', 'sgd'])
+def test_without_the_fused_kernel_the_step_falls_back(monkeypatch, fresh_kernel_checks, how, opt_func, kernel, torch_cls,
+                                                      torch_kw):
+    "With torch's fused kernel taken away (or raising), the optimizer warns once, steps with foreach, equals torch.optim."
+    if how == 'missing': monkeypatch.delattr(torch, kernel)
+    else: monkeypatch.setattr(torch, kernel, _broken_kernel)
+    with pytest.warns(UserWarning, match=f'torch.{kernel} does not run') as record:
+        m1, m2, o1, _ = ours_vs_torch(opt_func, torch_cls, lr=slice(1e-4, 3e-3), **torch_kw)
+    assert len([w for w in record if kernel in str(w.message)]) == 1   # once, not once a step
+    assert o1.fused and not fused_kernel_runs(kernel, torch.device('cpu'), torch.float32)
+    assert_rel_close(flat(m1), flat(m2))
+
+
+def test_a_working_fused_kernel_is_used(fresh_kernel_checks, monkeypatch):
+    "The check itself: this torch's fused kernels run on CPU float32, and a step then calls them."
+    for kernel in ('_fused_sgd_', '_fused_adam_', '_fused_adamw_'):
+        assert fused_kernel_runs(kernel, torch.device('cpu'), torch.float32), kernel
+    model = make_model(); opt = adam()(list(model.parameters()), lr=1e-3)
+    x, y = batch(0); nn.functional.mse_loss(model(x), y).backward()
+    calls = count_kernels(monkeypatch)
+    opt.step()
+    assert '_fused_adamw_' in calls

@@ -1,0 +1,175 @@
+"""Telemetry in the loggers fastai users already run: when fastai's `TensorBoardCallback` or `WandbCallback`
+is in the same fit, every per-step, per-layer column of our callbacks goes there as scalars too, tagged
+`momentum/{stat}/{layer}`, `dropout/p/{layer}`, `bn/{stat}/{layer}` (at the callback's `step`) and
+`bn_precise/{stat}/{layer}` (at the measured `epoch`).
+
+The writes ride on the callbacks' own flushes: `LogTable.flush` hands each host block it builds to the table's
+`sink`, so the hot path gains nothing. With neither logger in `learn.cbs` no sink is set and neither package
+is imported (they are looked up in `sys.modules`: a fastai logger callback exists only if its module was
+imported). Under distributed training only rank 0 sends.
+
+TensorBoard takes any step, so a block goes to the event file as it is flushed, one event per step. W&B
+keeps one history row per step of its own, which `WandbCallback` advances once per training batch, and
+refuses rows at earlier steps; so each callback's rows are plotted against its own x-axis
+(`define_metric('momentum/*', step_metric='momentum/step')`) and merged into W&B's rows one per training
+batch as they come, the rows still queued when the fit ends being written after `WandbCallback` closes it."""
+from __future__ import annotations
+
+import sys
+from collections import deque
+
+import numpy as np
+from fastai.callback.core import Callback
+from fastai.torch_core import rank_distrib
+
+from .core import LogTable
+
+__all__ = ['attach_sinks', 'fix_wandb_config']
+
+_LOGGERS = (('fastai.callback.tensorboard', 'TensorBoardCallback'), ('fastai.callback.wandb', 'WandbCallback'))
+_INDEX = ('step', 'epoch', 'layer', 'pct')  # columns that place a row, not statistics
+
+
+def log_tables(cb):
+    "Every `LogTable` a callback holds."
+    return [v for v in vars(cb).values() if isinstance(v, LogTable)]
+
+
+def logger_callbacks(learn):
+    "fastai's `TensorBoardCallback`s and `WandbCallback`s in `learn.cbs`, found without importing either package."
+    classes = tuple(c for c in (getattr(sys.modules.get(m), n, None) for m, n in _LOGGERS) if c is not None)
+    return [cb for cb in learn.cbs if classes and isinstance(cb, classes)]
+
+
+def _route(columns):
+    "`(tag prefix, x column, stat columns)` for a table with these columns, or None for a table not sent."
+    cols = set(columns)
+    if 'mean_gap' in cols: return 'bn_precise', 'epoch', ['mean_gap', 'var_gap']
+    if 'mean_shift' in cols: return 'bn', 'step', ['mean_shift', 'var_shift', 'mean_drift']
+    if 'grad_norm' in cols: return 'momentum', 'step', [c for c in columns if c not in _INDEX]
+    if {'p', 'pct'} <= cols: return 'dropout', 'step', ['p']
+    return None
+
+
+def block_rows(block, prefix, x, stats):
+    """The rows of a host block (column -> array, rows grouped by `x`) as `[(x value, tags, values)]`, one per x,
+    tags `{prefix}/{stat}/{layer}`."""
+    xs = block[x]
+    if not len(xs): return []
+    cut = np.flatnonzero(xs[1:] != xs[:-1]) + 1
+    bounds = zip(np.r_[0, cut], np.r_[cut, len(xs)])
+    layers = [str(l) for l in block['layer']]
+    tags = np.array([[f'{prefix}/{s}/{l}' for s in stats] for l in layers], dtype=object)
+    vals = np.stack([np.asarray(block[s], dtype=np.float64) for s in stats], 1)
+    return [(int(xs[a]), tags[a:b].ravel().tolist(), vals[a:b].ravel().tolist()) for a, b in bounds]
+
+
+class _TensorBoard:
+    """Writes a block's rows to a `TensorBoardCallback`'s event file, at their own step: one event per step holding
+    all its scalars (a tenth of the time of one `add_scalar` call per scalar). Without TensorFlow installed,
+    TensorBoard checksums its records in Python, about a microsecond per byte of tags and values, in its writer
+    thread: per-layer scalars at every step of a large model cost that much; `every=10` a tenth of it."""
+    def __init__(self, cb): self.cb = cb
+    def send(self, route, rows):
+        writer = getattr(self.cb, 'writer', None)  # made in its before_fit, which runs after ours
+        if writer is None or not getattr(self.cb, 'run', False): return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        for x, tags, vals in rows:
+            values = [Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, vals)]
+            writer.file_writer.add_summary(Summary(value=values), x)
+
+
+class _Wandb:
+    """Queues a block's rows for W&B, each row a dict with its own x-axis value (`{prefix}/{x}`); `pump` merges one
+    queued row per route into W&B's current row, `drain` writes the rest as rows of their own."""
+    def __init__(self): self.queues, self.defined = {}, set()
+
+    def send(self, route, rows):
+        prefix, x, _ = route
+        if prefix not in self.defined:
+            import wandb
+            wandb.define_metric(f'{prefix}/{x}')
+            wandb.define_metric(f'{prefix}/*', step_metric=f'{prefix}/{x}')
+            self.defined.add(prefix)
+        self.queues.setdefault(prefix, deque()).extend({f'{prefix}/{x}': xv, **dict(zip(tags, vals))}
+                                                        for xv, tags, vals in rows)
+
+    def _merged(self):
+        row = {}
+        for q in self.queues.values():
+            if q: row.update(q.popleft())
+        return row
+
+    def pump(self):
+        import wandb
+        row = self._merged()
+        if row and wandb.run is not None: wandb.log(row, commit=False)
+
+    def drain(self):
+        import wandb
+        while wandb.run is not None and (row := self._merged()): wandb.log(row)
+
+
+class _Sink:
+    "A table's `sink`: sends every flushed block to the attached loggers."
+    def __init__(self, route, targets): self.route, self.targets = route, targets
+    def __call__(self, block):
+        rows = block_rows(block, *self.route)
+        for t in self.targets: t.send(self.route, rows)
+
+
+class _LoggerBridge(Callback):
+    """Added to the `Learner` for a fit with TensorBoard or W&B attached: after `WandbCallback` (order 51) logs a
+    training batch it merges one queued row per callback into that batch's W&B row; after the fit it writes the
+    rows still queued and takes the sinks off the tables."""
+    order, _stateattrs = 52, ('targets', 'wandb', 'tables')
+
+    def __init__(self, loggers):
+        tb = [_TensorBoard(cb) for cb in loggers if type(cb).__name__ == 'TensorBoardCallback']
+        self.wandb = _Wandb() if any(type(cb).__name__ == 'WandbCallback' for cb in loggers) else None
+        self.targets, self.tables = tb + ([self.wandb] if self.wandb else []), []
+
+    def attach(self, cb):
+        for t in log_tables(cb):
+            route = _route(t.columns)
+            if route is not None: t.sink = _Sink(route, self.targets); self.tables.append(t)
+
+    def after_batch(self):
+        if self.wandb is not None and self.learn.training: self.wandb.pump()
+
+    def after_fit(self):
+        if self.wandb is not None: self.wandb.drain()
+        for t in self.tables: t.sink = None
+        self.tables = []
+        self.learn.remove_cb(self)
+
+
+def attach_sinks(cb):
+    """Call in a callback's `before_fit`: when the fit has a `TensorBoardCallback` or `WandbCallback` (and this is
+    rank 0), set a `sink` on each of `cb`'s tables that sends every flushed block there; else set none."""
+    for t in log_tables(cb): t.sink = None
+    learn = cb.learn
+    if rank_distrib() != 0: return
+    bridge = next((c for c in learn.cbs if isinstance(c, _LoggerBridge)), None)
+    if bridge is None:
+        loggers = logger_callbacks(learn)
+        if not loggers: return
+        bridge = _LoggerBridge(loggers)
+        learn.add_cb(bridge)
+    bridge.attach(cb)
+
+
+def fix_wandb_config():
+    """Work around fastai issue #4173 (open): with fastcore ≥ 2.2.21 fastai's `WandbCallback.before_fit` raises
+    `TypeError: vars() argument must have __dict__ attribute` while formatting the run's config, for any learner,
+    because its `_format_config_value` asks every value (ints, strings, ...) for its `__init__` arguments. Call this
+    once before fitting with `WandbCallback`: values that have no such arguments are then logged as they are. Changes
+    nothing else, and nothing twice."""
+    import fastai.callback.wandb as fw
+    if getattr(fw._format_config_value, 'fixed_by_fastai_l5', False): return
+    original = fw._format_config_value
+    def _format_config_value(v):
+        try: return original(v)
+        except TypeError: return v
+    _format_config_value.fixed_by_fastai_l5 = True
+    fw._format_config_value = _format_config_value
