@@ -9,8 +9,8 @@ instrumenting. Every choice it makes is kept (`TabularRecipe.describe()`) so the
   distinct values than half the rows: free text, names) is left out. In every text column kept as
   categorical, levels seen in fewer than `RARE` rows become one level `#rare#`, so the embedding tables
   hold only levels the model can learn something about.
-- **Target.** A numeric target with more than 20 distinct values is a regression, anything else a
-  classification. A regression target is trained on a transformed scale: log(y) when every value is
+- **Target.** A numeric target with more than 20 distinct values, or any fractional value, is a regression;
+  anything else (text, booleans, a few whole numbers) a classification. A regression target is trained on a transformed scale: log(y) when every value is
   positive and the skewness exceeds 1 (or with `log_target=True`), else standardized, (y − mean) / sd with
   the training rows' mean and sd. `y_range` for fastai's final sigmoid is the transformed training targets'
   min..max widened by 5% each side. Metrics, baseline and predictions are on the original scale.
@@ -219,9 +219,11 @@ def tabular_recipe(df, target, cat_names=(), cont_names=(), drop=(), log_target=
     df = df.dropna(subset=[target]).reset_index(drop=True)
     if len(df) < 10: raise ValueError(f"{len(df)} rows have a target; at least 10 are needed")
     y = df[target]
-    is_regression = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y) and y.nunique() > 20
+    is_regression = (pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
+                     and (y.nunique() > 20 or bool((y != y.round()).any())))
     if log_target and not is_regression:
-        raise ValueError(f"--log-target needs a numeric target with more than 20 distinct values; {target!r} is a classification")
+        raise ValueError(f"--log-target needs a regression target (numeric, with more than 20 distinct values or fractions); "
+                         f"{target!r} is a classification")
     if log_target and (y <= 0).any():
         raise ValueError(f"--log-target needs a positive target; {target!r} has {(y <= 0).sum():,} values ≤ 0")
     df, cat_names, cont_names, dropped, notes = _sort_columns(df.copy(), target, cat_names, cont_names, drop)

@@ -108,7 +108,7 @@ def test_version():
     (['report', 'data.csv', '--target', 'a', '--cont', 'a'], r"the target 'a' is also named as an input"),
     (['report', 'data.csv', '--target', 'a', '--cat', 'b', '--cont', 'b'], r"\['b'\] named both --cat and --cont"),
     (['report', 'data.csv', '--target', 'a', '--drop', 'b'], r"no input columns are left to predict 'a'"),
-    (['report', 'data.csv', '--target', 'b', '--log-target'], r"--log-target needs a numeric target"),
+    (['report', 'data.csv', '--target', 'b', '--log-target'], r"--log-target needs a regression target"),
     (['report', 'empty.csv', '--target', 'a'], r'has no data rows'),
     (['report', 'blank.csv', '--target', 'a'], r'could not read blank\.csv as CSV'),
     (['report', 'tiny.csv', '--target', 'a'], r'at least 10 are needed'),

@@ -13,7 +13,7 @@ from fastai_l5.report import train_recipe, write_summary
 SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source'}
 
 # (package, item, target, rows kept): the big ones subsampled so the suite stays within the CI budget
-CSVS = {'flights': ('nycflights13', 'flights', 'arr_delay', 3000), 'cps1988': ('AER', 'CPS1988', 'wage', 3000),
+CSVS = {'flights': ('nycflights13', 'flights', 'arr_delay', 3000), 'cps1988': ('AER', 'CPS1988', 'wage', 8000),
         'airquality': ('datasets', 'airquality', 'Ozone', None), 'boston': ('MASS', 'Boston', 'medv', None),
         'spam7': ('DAAG', 'spam7', 'yesno', 3000)}
 
@@ -105,3 +105,12 @@ def test_identifier_like_columns_are_left_out_unless_named():
 def test_bad_recipe_requests_are_one_line_errors(kwargs, message):
     df = pd.DataFrame({'a': [i % 9 for i in range(50)], 'y': [float(i) - 10 for i in range(50)]})
     with pytest.raises(ValueError, match=message): tabular_recipe(df, 'y', **kwargs)
+
+
+def test_task_from_the_target():
+    df = pd.DataFrame({'a': [i % 9 for i in range(60)], 'y': [(i % 15) + 0.5 for i in range(60)]})
+    assert tabular_recipe(df, 'y').task == 'regression'            # 15 values, but fractional: a measurement
+    df['y'] = [i % 4 for i in range(60)]
+    recipe = tabular_recipe(df, 'y')
+    assert recipe.task == 'classification' and recipe.target_transform.kind == 'none'
+    assert recipe.baseline() == (recipe.y_raw.iloc[recipe.valid_idx] == recipe.y_raw.iloc[recipe.train_idx].mode()[0]).mean()
