@@ -75,8 +75,8 @@ def _default_cache(src: Path) -> Path:
 def build_site(nbs='nbs', out='_site', cache=None, warnings=None) -> Path:
     """Build the HTML site from `nbs` into `out` and return `out`. Notebooks are executed through a
     jupyter-cache at `cache` (default `.docs_cache/code-<hash of fastai_l5's source>` beside `nbs`): a
-    notebook is run again only when its code or fastai_l5's has changed. Prints one line per page read, then Sphinx's warnings to `warnings` (default stderr);
-    raises `DocsError` when a cell raises."""
+    notebook is run again only when its code or fastai_l5's has changed. Prints one line per page read, then
+    Sphinx's warnings to `warnings` (default stderr); raises `DocsError` when a cell raises."""
     from sphinx.application import Sphinx
     from sphinx.errors import SphinxError
     src, out = find_nbs(nbs), Path(out).resolve()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from docutils import nodes
 from docutils.statemachine import StringList
+from docutils.transforms import Transform
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
@@ -97,9 +98,13 @@ def _plain_docstring(app, what, name, obj, options, lines):
 
 
 # --- math as MathML, so no script is needed to show it ----------------------------------------------------
+_TEX_ALIASES = {r'\dots': r'\ldots'}     # LaTeX commands docutils' converter lacks -> ones it knows
+
+
 def _mathml(self, node, block):
     from docutils.utils.math import MathError, latex2mathml
-    try: self.body.append(latex2mathml.tex2mathml(node.astext(), as_block=block))
+    tex = re.sub(r'\\[a-zA-Z]+', lambda m: _TEX_ALIASES.get(m.group(0), m.group(0)), node.astext())
+    try: self.body.append(latex2mathml.tex2mathml(tex, as_block=block))
     except MathError as e:
         logging.getLogger(__name__).warning(f"math not converted to MathML: {e}: {node.astext()}", location=node)
         self.body.append(f'<code>{self.encode(node.astext())}</code>')
@@ -110,13 +115,23 @@ def _inline_math(self, node): _mathml(self, node, block=False)
 def _block_math(self, node): _mathml(self, node, block=True)
 
 
+class DropNestedRules(Transform):
+    """nbdev's `show_doc` output starts with a horizontal rule (`---`), which docutils allows only between
+    sections, not inside a cell's output: drop those rules (the entry's own heading separates it)."""
+    default_priority = 829                      # before docutils' check of transitions (830)
+
+    def apply(self):
+        for rule in list(self.document.findall(nodes.transition)):
+            if not isinstance(rule.parent, (nodes.document, nodes.section)): rule.parent.remove(rule)
+
+
 # --- one line of progress per page ------------------------------------------------------------------------
 def _before_read(app, env, docnames):
     app.l5_todo, app.l5_started = sorted(docnames), {}
 
 
 def _started(app, docname, source):
-    app.l5_started[docname] = time.perf_counter()
+    app.l5_started[docname] = time.time()
     done = len(app.l5_started)
     print(f"docs: [{done}/{len(app.l5_todo)}] {docname} ...", end='', flush=True)
 
@@ -124,17 +139,17 @@ def _started(app, docname, source):
 def _finished(app, doctree):
     docname = app.env.docname
     how = ''
-    if (app.env.doc2path(docname).suffix == '.ipynb'):
+    if str(app.env.doc2path(docname)).endswith('.ipynb'):
         from myst_nb.sphinx_ import NbMetadataCollector
         data = NbMetadataCollector.get_exec_data(app.env, docname) or {}
-        fresh = data.get('mtime', 0) >= app.l5_started[docname] - 1
-        how = ', executed' if fresh and data.get('runtime') is not None else ', from the cache'
-    print(f" {time.perf_counter() - app.l5_started[docname]:.1f} s{how}", flush=True)
+        how = ', executed' if data.get('mtime', 0) >= app.l5_started[docname] - 1 else ', from the cache'
+    print(f" {time.time() - app.l5_started[docname]:.1f} s{how}", flush=True)
 
 
 def setup(app):
     app.add_html_math_renderer('mathml', (_inline_math, None), (_block_math, None))
     app.add_directive('l5-api-reference', ApiReference)
+    app.add_transform(DropNestedRules)
     app.connect('autodoc-process-docstring', _plain_docstring)
     app.connect('env-get-outdated', lambda app, env, added, changed, removed: ['api'])  # docstrings may have changed
     app.connect('env-before-read-docs', _before_read)
