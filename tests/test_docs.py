@@ -144,6 +144,8 @@ def test_search_lists_the_api_entry(site, browser):
 
 def test_math_is_drawn_and_the_index_screenshot_saved(site, browser):
     browser.get((site[0]/'index.html').as_uri())
+    browser.execute_script('localStorage.clear(); sessionStorage.clear()')   # no search terms highlighted
+    browser.get((site[0]/'index.html').as_uri())
     math = browser.execute_script("""return Array.from(document.querySelectorAll('math')).map(m => {
         const r = m.getBoundingClientRect(); return [r.width, r.height, m.textContent]; });""")
     assert math and all(w > 0 and h > 0 for w, h, _ in math), math
