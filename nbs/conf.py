@@ -4,6 +4,7 @@ reference generated from the docstrings of every public name of `fastai_l5.all`.
 Build it with `fastai-l5 docs` (progress per notebook, clear errors, a cache of executed notebooks) or
 by hand with `sphinx-build -b html nbs _site`. The site works from disk with no network: furo ships its
 assets, Sphinx's search runs from `searchindex.js`, and math becomes MathML (docutils' own converter)."""
+import functools
 import re
 import sys
 import time
@@ -42,7 +43,6 @@ nb_execution_timeout = 900
 nb_merge_streams = True
 nb_ipywidgets_js = {}              # no widget scripts from a CDN
 
-default_role = 'py:obj'            # `name` in a docstring links to the reference when it names an object
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'signature'
 suppress_warnings = ['mystnb.unknown_mime_type']
@@ -88,13 +88,26 @@ class ApiReference(SphinxDirective):
         return node.children
 
 
+@functools.lru_cache(maxsize=None)
+def _homes():
+    "`{public name: its module}`."
+    return {n: m for m, names in names_by_module().items() for n in names}
+
+
+def _code_span(inner):
+    "A docstring's `code` span: a link to the reference when it names a public name (`adam()` too), else code."
+    home = _homes().get(inner.removesuffix('()'))
+    return f":py:obj:`{inner} <{home}.{inner.removesuffix('()')}>`" if home else f'``{inner}``'
+
+
 def _plain_docstring(app, what, name, obj, options, lines):
-    """Our docstrings are plain text with `code` spans, not reStructuredText: keep |x|, a*b and name_ literal.
-    A variable (`EXAMPLES`) shows no docstring rather than its type's."""
+    """Our docstrings are plain text with `code` spans, not reStructuredText: keep |x|, a*b and name_ literal,
+    and turn the spans into code or links. A variable (`EXAMPLES`) shows no docstring rather than its type's."""
     if what == 'data' and lines and (type(obj).__doc__ or '').strip().startswith(lines[0].strip()): lines.clear()
     for i, line in enumerate(lines):
-        parts = re.split(r'(`[^`]*`)', line)
-        lines[i] = ''.join(p if p.startswith('`') else re.sub(r'([|*\\]|_(?=\W|$))', r'\\\1', p) for p in parts)
+        parts = re.split(r'`([^`\s][^`]*?)`', line)           # odd items: the insides of `code` spans
+        lines[i] = ''.join(_code_span(p) if k % 2 else re.sub(r'([|*\\`]|_(?=\W|$))', r'\\\1', p)
+                           for k, p in enumerate(parts))
 
 
 # --- math as MathML, so no script is needed to show it ----------------------------------------------------
