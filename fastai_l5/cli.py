@@ -120,11 +120,11 @@ def _bench(args):
 
 
 def _docs(args):
-    from .docs import DocsError, build_docs
-    try: path = build_docs(out=args.out)
+    from ._docs import DocsError, build_site
+    try: path = build_site(out=args.out)
     except (FileNotFoundError, FileExistsError, NotADirectoryError) as e: raise UsageError(str(e)) from e
     except DocsError as e: raise BuildError(str(e)) from e
-    print(f"docs: {Path(path).resolve()}")
+    print(f"docs: {Path(path).resolve()/'index.html'}")
 
 
 COMMANDS = {'demo': _demo, 'report': _report, 'bench': _bench, 'docs': _docs}
