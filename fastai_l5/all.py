@@ -4,5 +4,6 @@ from .data import *
 from .optim import *
 from .momentum import *
 from .dropout import *
+from .precise import *
 from .batchnorm import *
 from .distributed import *

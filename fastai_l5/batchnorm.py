@@ -1,271 +1,25 @@
 """Batch norm made visible: how far each training batch sits from BN's running statistics and how far
-those have drifted (`BNDrift`), the gap between the running (EMA) statistics and the true population
-statistics at the current weights (`precise_bn`), and which continuous inputs of new data have moved
-away from what `bn_cont` saw in training (`bn_shift`)."""
+those have drifted (`BNDrift`), and which continuous inputs of new data have moved away from what
+`bn_cont` saw in training (`bn_shift`). The population statistics (`precise_bn`, `PreciseBNCallback`)
+live in `fastai_l5.precise`; `BNDrift(precise_every=k)` measures with the same pass."""
 from __future__ import annotations
 
-import contextlib
 import math
-import random
+import warnings
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
-from fastai.learner import Learner
 from fastai.tabular.core import FillMissing, Normalize
 from fastai.torch_core import rank_distrib
-from fastcore.basics import patch_to
 from fastcore.foundation import L
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import LogTable, StepCallback, rank0_log, unwrap_model
+from .core import LogTable, StepCallback, plot_per_layer, rank0_log, unwrap_model
+from .precise import (_all_sum, bn_layers, channel_layer_index, check_count, flat_stats, population_pass, precise_batch_count,
+                      precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss)
 
-__all__ = ['BNDrift', 'precise_bn', 'bn_shift', 'bn_layers']
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding BN layers
-
-def bn_layers(model):
-    """`L` of `(name, module)` for every BN layer (`torch.nn.modules.batchnorm._BatchNorm`, so
-    `SyncBatchNorm` too) of `model` that keeps running statistics, in `named_modules()` order. Looked up
-    afresh on each call: `DistributedTrainer` swaps module objects at `before_fit`."""
-    return L((name, m) for name, m in unwrap_model(model).named_modules()
-             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None)
-
-
-def _require_bn(model, who):
-    bns = bn_layers(model)
-    if not bns:
-        raise ValueError(f"{who} needs a BatchNorm layer that tracks running statistics, and the model has none; "
-                         "build it with batch norm (tabular_learner does by default: use_bn=True, bn_cont=True)")
-    return bns
-
-
-# ---------------------------------------------------------------------------------------------
-# Population statistics (the precise pass)
-
-@contextlib.contextmanager
-def _preserved_rng(*dls):
-    "Iterating a fastai `DataLoader` reseeds its `rng`, and dropout draws from torch's RNG: put both back afterwards."
-    dls = [d for dl in dls for d in (dl, getattr(dl, 'dl', None)) if hasattr(d, 'rng')]
-    states = [dl.rng.getstate() for dl in dls]
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices): yield
-    finally:
-        for dl, s in zip(dls, states): dl.rng.setstate(s)
-        random.setstate(py_state); np.random.set_state(np_state)
-
-
-@contextlib.contextmanager
-def _bn_pass_mode(model, bns, dropout=True):
-    """Training mode (BN uses batch statistics) with every BN momentum at 1, so that after each forward
-    a layer's running buffers hold exactly that batch's mean and unbiased variance. `dropout=False`
-    puts dropout modules in eval mode. Modes, momenta and `num_batches_tracked` are put back on exit;
-    `running_mean`/`running_var` are the caller's to set."""
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(bn, bn.momentum) for bn in bns]
-    tracked = [(bn, bn.num_batches_tracked.clone()) for bn in bns if bn.num_batches_tracked is not None]
-    try:
-        model.train()
-        if not dropout:
-            for m in model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd): m.eval()
-        for bn in bns: bn.momentum = 1.
-        yield
-    finally:
-        for bn, mom in momenta: bn.momentum = mom
-        for bn, nbt in tracked: bn.num_batches_tracked.copy_(nbt)
-        for m, mode in modes: m.training = mode
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_sum(t):
-    "Sum of `t` over all processes (every rank gets the same tensor); `t` itself with one process."
-    if _world_size() > 1: dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _merge_moments(n, mean, m2, allsum=_all_sum):
-    """Pool per-process `(n, mean, m2)` (count, mean and sum of squared deviations, per channel) into
-    the statistics of all samples together, with `allsum` summing a tensor over processes:
-    N = Σn, μ = Σn·μ_r/N, M2 = Σ(M2_r + n·(μ_r − μ)²) (Chan et al.'s parallel update)."""
-    total = allsum(n.clone())
-    gmean = allsum(n * mean) / total
-    gm2 = allsum(m2 + n * (mean - gmean) ** 2)
-    return total, gmean, gm2
-
-
-class _MomentAccumulator:
-    """Pools per-batch BN statistics over samples in float64: each batch of `n` samples with mean μ_B
-    and unbiased variance σ²_B adds n·μ_B to Σx and (n−1)·σ²_B + n·μ_B² to Σx², both taken about a
-    shift K (the first batch's mean) so that E[x²] − E[x]² loses no precision."""
-    def __init__(self, sizes, device):
-        self.sizes, self.n = list(sizes), None
-        self.seg = torch.repeat_interleave(torch.arange(len(self.sizes), device=device),
-                                           torch.tensor(self.sizes, device=device))
-
-    def _per_channel(self, vals):
-        if len(set(vals)) == 1: return float(vals[0])
-        return torch.tensor(vals, dtype=torch.float64, device=self.seg.device)[self.seg]
-
-    def add(self, mean, var, counts, within):
-        "`counts`: samples per layer in this batch; `within`: the weight of σ²_B per layer (n−1 for plain BN)."
-        mean, var = mean.double(), var.double()
-        n, w = self._per_channel(counts), self._per_channel(within)
-        if self.n is None:
-            self.shift = mean.clone()
-            self.n, self.s1, self.s2 = torch.zeros_like(mean), torch.zeros_like(mean), torch.zeros_like(mean)
-        d = mean - self.shift
-        self.n += n
-        self.s1 += n * d
-        self.s2 += n * d * d + w * var
-
-    def moments(self):
-        "`(n, mean, m2)` per channel."
-        mean = self.shift + self.s1 / self.n
-        return self.n, mean, self.s2 - self.s1 ** 2 / self.n
-
-
-@torch.no_grad()
-def _population_stats(model, bns, batches, dropout=True):
-    """Population mean and variance (σ²_P with divisor N, the variance of all the samples the layer saw)
-    of every BN layer's input over `batches` (tuples of model inputs), pooled over samples — a batch
-    weighs by its size — and over processes under `torch.distributed`. Returns flat float64 tensors
-    (channels of all layers concatenated). Leaves running buffers holding the last batch's stats."""
-    counts, handles = {}, []
-    world = _world_size()
-    def record(bn, args):
-        x = args[0]
-        counts[bn] = x.numel() // x.shape[1]
-    acc = _MomentAccumulator([bn.num_features for bn in bns], bns[0].running_mean.device)
-    try:
-        handles = [bn.register_forward_pre_hook(record) for bn in bns]
-        with _bn_pass_mode(model, bns, dropout=dropout):
-            for xb in batches:
-                model(*xb)
-                n = [counts[bn] for bn in bns]
-                # SyncBatchNorm's batch statistics already cover all processes' samples (n·world of them)
-                tot = [c * world if isinstance(bn, nn.SyncBatchNorm) else c for c, bn in zip(n, bns)]
-                within = [c * (t - 1) / t for c, t in zip(n, tot)]
-                acc.add(torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]), n, within)
-    finally:
-        for h in handles: h.remove()
-    if acc.n is None: raise ValueError("the precise pass saw no batch: the loader is empty")
-    total, mean, m2 = _merge_moments(*acc.moments())
-    return mean, m2 / total
-
-
-def _from_rank0(t):
-    "Rank 0's `t` on every process (in place); `t` itself with one process."
-    if _world_size() > 1: dist.broadcast(t, src=0)
-    return t
-
-
-def _all_min(n, device):
-    "The smallest of the integer `n` over all processes (every rank gets it); `n` itself with one process."
-    if _world_size() == 1: return int(n)
-    t = torch.tensor(int(n), dtype=torch.int64, device=device)  # on the model's device: nccl takes CUDA tensors only
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
-
-
-def _split(learn, b):
-    """`(xb, yb)` the way `Learner._split` cuts a batch: the loaders' `n_inp`, or all items but the last
-    where the loaders do not say (as under `DistributedDL`)."""
-    i = getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
-    return b[:i], b[i:]
-
-
-def _on_device(b, device): return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
-
-
-def _batches(learn, dl, n_batches):
-    "The first `n_batches` input tuples of `dl`, on the model's device."
-    device = next(learn.model.parameters()).device
-    for i, b in enumerate(dl):
-        if i >= n_batches: break
-        yield _split(learn, _on_device(b, device))[0]
-
-
-def _flat_stats(bns):
-    return (torch.cat([bn.running_mean for bn in bns]).double(), torch.cat([bn.running_var for bn in bns]).double())
-
-
-def _layer_means(values, seg, n_layers):
-    "Mean over each layer's channels of every row of `values` (k × C) → k × n_layers, one kernel whatever the layer count."
-    out = values.new_zeros(values.shape[0], n_layers).index_add_(1, seg, values)
-    return out / torch.bincount(seg, minlength=n_layers).to(values)
-
-
-def _gaps(bns, mean_r, var_r, mean_p, var_p):
-    """Per layer, `mean_gap` = mean_c |μ_R − μ_P| / √(σ²_P + eps) and `var_gap` = mean_c |log(σ²_R / σ²_P)|."""
-    sizes = [bn.num_features for bn in bns]
-    seg = torch.repeat_interleave(torch.arange(len(bns), device=mean_r.device), torch.tensor(sizes, device=mean_r.device))
-    eps = torch.tensor([bn.eps for bn in bns], dtype=torch.float64, device=mean_r.device)[seg]
-    mean_gap = (mean_r - mean_p).abs() / (var_p + eps).sqrt()
-    var_gap = torch.log(var_r / var_p).abs()
-    return _layer_means(torch.stack([mean_gap, var_gap]), seg, len(bns)).cpu().numpy()
-
-
-def _set_stats(bns, mean, var):
-    for bn, m, v in zip(bns, mean.split([bn.num_features for bn in bns]), var.split([bn.num_features for bn in bns])):
-        bn.running_mean.copy_(m); bn.running_var.copy_(v)
-
-
-def _check_count(name, value, lo=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
-    return int(value)
-
-
-def _check_enough(n_batches, dl, device):
-    """Raise on every rank alike when some rank's `dl` holds fewer than `n_batches` batches: the count is
-    the minimum over processes, so no rank waits forever in the pooling all-reduce for one that gave up."""
-    n, world = _all_min(len(dl), device), _world_size()
-    where = f" on the rank with the fewest of {world} processes" if world > 1 else ""
-    if n == 0:
-        raise ValueError(f"precise_bn needs batches, but the loader is empty (it holds only 0 batches{where}): a "
-                         "training loader drops its last partial batch, so a dataset smaller than bs gives none; "
-                         "pass a dl with at least one batch, e.g. dl=learn.dls.train.new(drop_last=False), or lower bs")
-    if n_batches > n:
-        raise ValueError(f"n_batches={n_batches} but the loader holds only {n} batches{where}: "
-                         f"pass n_batches<={n} or a larger dl")
-
-
-def precise_bn(learn, n_batches=200, dl=None, dropout=True):
-    """Replace every BN layer's running statistics by the population statistics of its inputs over
-    `n_batches` batches of `dl` (default the training loader), at the current weights: a no-grad pass in
-    training mode, pooled over samples (μ_P = Σx/N, σ²_P = Σ(x − μ_P)²/N, so a batch weighs by its
-    size), and over processes when `torch.distributed` is initialised, so every rank ends with the same
-    buffers. `dropout=False` switches dropout off for the pass (dropout before BN changes the variance BN
-    sees, Li et al. 2019). Momenta, modes, `num_batches_tracked`, weights and optimizer state are left
-    as they were. Under `torch.distributed` the batch count is checked collectively: when any rank's `dl` holds
-    fewer than `n_batches` batches, every rank raises the same `ValueError` (none is left waiting). Returns, per layer, how far the running statistics were from the population ones:
-    `mean_gap` = mean_c |μ_R − μ_P| / √(σ²_P + eps), `var_gap` = mean_c |log(σ²_R / σ²_P)|."""
-    bns = _require_bn(learn.model, 'precise_bn')
-    n_batches = _check_count('n_batches', n_batches)
-    dl = learn.dls.train if dl is None else dl
-    _check_enough(n_batches, dl, bns[0][1].running_mean.device)
-    names, mods = bns.itemgot(0), list(bns.itemgot(1))
-    with torch.no_grad():
-        mean_r, var_r = _flat_stats(mods)
-        with _preserved_rng(dl):
-            mean_p, var_p = _population_stats(unwrap_model(learn.model), mods, _batches(learn, dl, n_batches), dropout)
-        gaps = _gaps(mods, mean_r, var_r, mean_p, var_p)
-        _set_stats(mods, mean_p, var_p)
-    return pd.DataFrame({'layer': list(names), 'mean_gap': gaps[0], 'var_gap': gaps[1]})
-
-patch_to(Learner, nm='precise_bn')(precise_bn)
+__all__ = ['BNDrift', 'bn_shift']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +33,7 @@ class _DriftPlan:
         dev = self.mods[0].running_mean.device
         sizes = [bn.num_features for bn in self.mods]
         self.n_ch, self.n_layers = sum(sizes), len(sizes)
-        self.seg = torch.repeat_interleave(torch.arange(self.n_layers, device=dev), torch.tensor(sizes, device=dev))
+        self.seg = channel_layer_index(sizes, dev)
         self.inv_sizes = 1 / torch.tensor(sizes, device=dev, dtype=torch.float)
         self.eps = torch.tensor([bn.eps for bn in self.mods], device=dev)[self.seg]
         self.refresh()
@@ -353,9 +107,9 @@ class BNDrift(StepCallback):
         super().__init__()
         self._init_state()  # fastai's Callback.__init__ does not reach Stateful's
         self._log = rank0_log(self._log.columns, path=path, keep=keep)
-        self.every = _check_count('every', every)
-        self.precise_every = None if precise_every is None else _check_count('precise_every', precise_every)
-        self.precise_batches = _check_count('precise_batches', precise_batches)
+        self.every = check_count('every', every)
+        self.precise_every = None if precise_every is None else check_count('precise_every', precise_every)
+        self.precise_batches = check_count('precise_batches', precise_batches)
         self.epoch_columns = {'valid_loss_precise': '_last_precise_loss'} if precise_every else {}
         self.n_train_batch = 0
 
@@ -386,7 +140,7 @@ class BNDrift(StepCallback):
     def before_fit(self):
         super().before_fit()
         self._unstage()
-        self._plan = _DriftPlan(_require_bn(self.learn.model, 'BNDrift'))
+        self._plan = _DriftPlan(require_bn(self.learn.model, 'BNDrift'))
         self._logs_here, self._measured, self._last_loss_precise = rank_distrib() == 0, False, math.nan
 
     # --- every logged training batch ---------------------------------------------------------
@@ -440,44 +194,27 @@ class BNDrift(StepCallback):
         self._unstage(); self._log.flush()  # a streamed log on disk is never more than an epoch behind
         self._measured = bool(self.precise_every) and (self.epoch + 1) % self.precise_every == 0
         self._valid_sum, self._valid_n = 0., 0
-        if not self._measured: return
-        mods = self._plan.mods
-        model, train_dl = unwrap_model(self.learn.model), self.learn.dls.train
-        # the same count on every rank, or one would wait forever in the pooling all-reduce
-        n = _all_min(min(self.precise_batches, len(train_dl)), mods[0].running_mean.device)
-        if n == 0: self._measured = False; return   # no training batch to measure with
-        with torch.no_grad():
-            saved = [(t, t.clone()) for bn in mods for t in (bn.running_mean, bn.running_var)]
-            # without SyncBatchNorm each rank's last batch moved its own buffers; DDP broadcasts rank 0's before
-            # every forward, so those are the running statistics the model validates with: compare them
-            mean_r, var_r = map(_from_rank0, _flat_stats(mods))
-            try:
-                with _preserved_rng(train_dl, self.learn.dls.valid):
-                    mean_p, var_p = _population_stats(model, mods, _batches(self.learn, train_dl, n))
-                    _set_stats(mods, mean_p, var_p)
-                    self._last_loss_precise = self._valid_loss(model)
-            finally:
-                for t, s in saved: t.copy_(s)
-            self._gap = _gaps(mods, mean_r, var_r, mean_p, var_p)
+        if self._measured: self._measure_population()
 
-    def _valid_loss(self, model):
-        """Mean validation loss (weighted by batch size, as `Recorder` does) with the model in eval mode,
-        over the validation samples of all ranks (each rank's sum and count are added up)."""
-        dl = self.learn.dls.valid
-        modes = [(m, m.training) for m in model.modules()]
-        device = next(model.parameters()).device
-        total = torch.zeros(2, dtype=torch.float64, device=device)   # Σ loss·bs, Σ bs
+    def _measure_population(self):
+        "The gaps to the population statistics and the validation loss under them; then every buffer as it was."
+        learn, bns, mods = self.learn, bn_layers(self.learn.model), self._plan.mods
+        n = precise_batch_count(self.precise_batches, learn.dls.train, mods[0].running_mean.device, strict=False,
+                                warn=self._warn_once)
+        if n == 0: self._measured = False; return   # no training batch to measure with
+        saved = flat_stats(mods)
         try:
-            model.eval()
-            for b in dl:
-                xb, yb = _split(self.learn, _on_device(b, device))
-                bs = len(yb[0])
-                total[0] += self.learn.loss_func(model(*xb), *yb).detach().double() * bs
-                total[1] += bs
+            with preserved_rng(learn.dls.valid):
+                mean_p, var_p, self._gaps = population_pass(learn, bns, learn.dls.train, n)
+                with torch.no_grad(): set_flat_stats(mods, mean_p, var_p)
+                self._last_loss_precise = valid_loss(learn)
         finally:
-            for m, mode in modes: m.training = mode
-        total = _all_sum(total)
-        return float(total[0] / total[1]) if total[1] else float('nan')
+            with torch.no_grad(): set_flat_stats(mods, *saved)
+
+    def _warn_once(self, msg):
+        if getattr(self, '_warned', False): return
+        self._warned = True
+        warnings.warn(f"BNDrift(precise_batches={self.precise_batches}): {msg}", stacklevel=2)
 
     def _last_precise_loss(self): return self._last_loss_precise if self._measured else float('nan')
 
@@ -493,7 +230,7 @@ class BNDrift(StepCallback):
                             device=self._plan.mods[0].running_mean.device)
         loss_sum, n = _all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
         valid_loss = loss_sum / n if n else float('nan')
-        self._precise_log.append(epoch=self.epoch, layer=self._plan.names, mean_gap=self._gap[0], var_gap=self._gap[1],
+        self._precise_log.append(epoch=self.epoch, layer=self._plan.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 
     def after_fit(self):
@@ -502,41 +239,28 @@ class BNDrift(StepCallback):
         self._plan = None   # holds the model's modules: not kept between fits
 
     # --- plots -------------------------------------------------------------------------------
+    _loss_lines = {'valid_loss': 'running (EMA) stats', 'valid_loss_precise': 'population stats'}
+
     def plot(self, stats=drift_stats, layers=None):
         """A `Figure`: one panel per drift stat against `step`, one line per layer, and, when
         `precise_df` has rows, the EMA-vs-population gaps and the two validation losses per epoch."""
-        df, pdf = self.df, self.precise_df
-        if not len(df) and not len(pdf): raise ValueError("nothing logged yet: train with BNDrift attached, then plot")
-        if layers is not None:
-            known = set(df['layer']) | set(pdf['layer'])
-            bad = [l for l in L(layers) if l not in known]
-            if bad: raise ValueError(f"unknown layers {bad}; logged layers are {sorted(known)}")
-            df, pdf = df[df['layer'].isin(L(layers))], pdf[pdf['layer'].isin(L(layers))]
         stats = list(L(stats))
         unknown = [s for s in stats if s not in self.drift_stats]
         if unknown: raise ValueError(f"unknown stats {unknown}; choose from {list(self.drift_stats)}")
-        panels = [(df, s, 'step') for s in stats if len(df)]
-        if len(pdf): panels += [(pdf, 'mean_gap', 'epoch'), (pdf, 'var_gap', 'epoch'), (pdf, None, 'epoch')]
-        ncols = 3 if len(panels) > 4 else 2
-        nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(5 * ncols, 3.2 * nrows), layout='constrained')
-        axs = fig.subplots(nrows, ncols, squeeze=False).flatten()
-        for ax, (d, stat, x) in zip(axs, panels):
-            if stat is None:  # the validation loss with running vs population statistics
-                per_epoch = d.groupby('epoch', sort=True)[['valid_loss', 'valid_loss_precise']].first()
-                ax.plot(per_epoch.index, per_epoch['valid_loss'], 'o-', label='running (EMA) stats')
-                ax.plot(per_epoch.index, per_epoch['valid_loss_precise'], 's--', label='population stats')
-                ax.set_title('valid loss'); ax.legend(fontsize='small')
-            else:
-                for layer, g in d.groupby('layer', sort=False):
-                    ax.plot(g[x].to_numpy(), g[stat].to_numpy(), 'o-' if x == 'epoch' else '-', lw=1,
-                            ms=3, label=str(layer))
-                ax.set_title(stat)
-            ax.set_xlabel(x)
-            if x == 'epoch': ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for ax in axs[len(panels):]: ax.set_visible(False)
-        axs[0].legend(fontsize='small', ncols=2)
-        fig.suptitle('BatchNorm: batch vs running statistics' + (', EMA vs population' if len(pdf) else ''))
+        df, pdf = self.df, self.precise_df
+        frames, panels = [df.drop(columns='epoch')], stats if len(df) else []
+        if len(pdf):
+            per_epoch = pdf.groupby('epoch', sort=True)[list(self._loss_lines)].first()
+            frames += [pdf.drop(columns=list(self._loss_lines))]
+            frames += [pd.DataFrame({'epoch': per_epoch.index, 'layer': line, 'valid loss': per_epoch[col].to_numpy()})
+                       for col, line in self._loss_lines.items()]
+            panels += ['mean_gap', 'var_gap', 'valid loss']
+        per_epoch_panels = dict.fromkeys(['mean_gap', 'var_gap', 'valid loss'], 'epoch')
+        if layers is not None: layers = L(layers) + (L(self._loss_lines.values()) if len(pdf) else L())
+        fig = plot_per_layer(pd.concat(frames, ignore_index=True), panels, layers=layers, x=per_epoch_panels,
+                             fmt=dict.fromkeys(per_epoch_panels, 'o-'), ncols=3 if len(panels) > 4 else 2,
+                             title='BatchNorm: batch vs running statistics' + (', EMA vs population' if len(pdf) else ''))
+        if len(pdf): fig.axes[len(panels) - 1].legend(fontsize='small')
         return fig
 
 

@@ -15,6 +15,7 @@ from fastai.learner import ValueMetric, noop
 from fastai.torch_core import rank_distrib  # this `noop` is the one `Learner.no_logging` installs
 from fastcore.foundation import L
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ['StepCallback', 'LogTable', 'rank0_log', 'unwrap_model', 'layer_params', 'param_layer_names', 'plot_per_layer',
            'check_in_range']
@@ -165,9 +166,11 @@ class StepCallback(Callback):
         self._epoch_value_metrics = L()
 
 
-def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=()):
+def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(), fmt='-'):
     """One subplot per column in `stats`, one line per layer: a `matplotlib.figure.Figure`
-    (made without pyplot, so a notebook shows it once and scripts stay headless)."""
+    (made without pyplot, so a notebook shows it once and scripts stay headless). `x` and `fmt` (a
+    matplotlib format string) are one for all subplots or a dict `{stat: value}` (default 'step', '-');
+    a subplot shows the rows whose `x` is known, so one frame can hold logs of different granularity."""
     stats = L(stats)
     if not len(df): raise ValueError("nothing logged yet: train with the callback attached, then plot")
     unknown = [s for s in stats if s not in df.columns]
@@ -181,9 +184,11 @@ def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(
     fig = Figure(figsize=(6 * ncols, 3.2 * nrows), layout='constrained')
     axs = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax, stat in zip(axs, stats):
-        for layer, g in df.groupby('layer', sort=False):
-            ax.plot(g[x].to_numpy(), g[stat].to_numpy(), label=str(layer), lw=1)
-        ax.set_xlabel(x); ax.set_title(stat)
+        xs, style = (x.get(stat, 'step') if isinstance(x, dict) else x), (fmt.get(stat, '-') if isinstance(fmt, dict) else fmt)
+        for layer, g in df[df[xs].notna()].groupby('layer', sort=False):
+            ax.plot(g[xs].to_numpy(), g[stat].to_numpy(), style, label=str(layer), lw=1, ms=3)
+        ax.set_xlabel(xs); ax.set_title(stat)
+        if xs == 'epoch': ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if stat in L(logy): ax.set_yscale('log')
     for ax in axs[len(stats):]: ax.set_visible(False)
     axs[0].legend(fontsize='small', ncols=2)
