@@ -281,18 +281,43 @@ def _ema_samples(bn, bs):
     return float('inf') if m == 0 else bs * (2 - m) / m
 
 
-def bn_shift(learn, df, threshold=3.):
+def _train_items(learn, conts):
+    "The training rows' continuous columns (processed), or None where the loaders hold none (an exported learner)."
+    items = getattr(getattr(learn.dls, 'train_ds', None), 'items', None)
+    return items[conts] if isinstance(items, pd.DataFrame) and len(items) and set(conts) <= set(items.columns) else None
+
+
+def _n_train(learn):
+    "Training rows: the running statistics can average no more distinct samples than that (inf when unknown)."
+    items = _train_items(learn, list(learn.dls.cont_names))
+    return math.inf if items is None else float(len(items))
+
+
+def _kurtosis(x, default=3.):
+    "Per-column kurtosis κ (3 for a normal), at least 1 + 1e-6; `default` where `x` is None or too short."
+    if x is None: return default
+    return np.maximum(np.nan_to_num(x.kurt().to_numpy() + 3, nan=default), 1 + 1e-6)  # pandas gives excess kurtosis
+
+
+def bn_shift(learn, df, threshold=3., min_effect=0.1):
     """Which continuous features of new data `df` have moved away from what `bn_cont` learned in
     training, in the data's own units (fastai's `Normalize` undone: train_mean = mean + μ_R·std,
     train_std = √σ²_R·std; missing values filled as `FillMissing` does). Per feature:
 
     - `z` = (new_mean − train_mean) / SE, with SE = train_std·√(1/n_new + 1/n_ema): the gap between the
       means in standard errors of their difference; n_ema = bs·(2 − m)/m is the number of samples BN's
-      exponential average effectively holds (about 19·bs for m = 0.1).
+      exponential average effectively holds (about 19·bs for m = 0.1), at most the training set's size
+      (an average over repeated rows holds no more).
+    - `effect` = (new_mean − train_mean) / train_std: how far the mean moved, in training standard
+      deviations, whatever the sample size.
     - `std_ratio` = new_std / train_std.
-    - `shifted`: |z| > `threshold`, or |log std_ratio| > `threshold` standard errors of a log standard
-      deviation, √((κ − 1)/4·(1/n_new + 1/n_ema)) with κ the new data's kurtosis (so heavy tails are not
-      flagged for noise).
+    - `shifted`: a change both significant and material. The mean moved: |z| > `threshold` and
+      |effect| > `min_effect`; or the spread did: |log std_ratio| > `threshold` standard errors of a log
+      standard deviation, √((κ_new − 1)/(4·n_new) + (κ_train − 1)/(4·n_ema)) with κ the kurtosis of the
+      new and the training data (so heavy tails are not flagged for noise; κ_new where the training
+      rows are gone, as in an exported learner), and std_ratio outside [1/(1 + `min_effect`), 1 + `min_effect`]. With
+      enough rows any tiny move is significant: `min_effect` asks whether the data moved, not whether the
+      sample is large (`min_effect=0` tests significance alone).
 
     Raises `ValueError` for a model without `bn_cont`, or `df` missing one of the model's continuous
     columns (or holding non-numbers there)."""
@@ -303,6 +328,7 @@ def bn_shift(learn, df, threshold=3.):
                          "build it with tabular_config(bn_cont=True) (the default)")
     if not isinstance(df, pd.DataFrame): raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     if not threshold > 0: raise ValueError(f"threshold={threshold!r} must be > 0")
+    if not min_effect >= 0: raise ValueError(f"min_effect={min_effect!r} must be >= 0 (0: significance alone)")
     conts = list(learn.dls.cont_names)
     if len(conts) != bn.num_features:
         raise ValueError(f"bn_cont has {bn.num_features} channels but the data has {len(conts)} continuous columns")
@@ -318,13 +344,18 @@ def bn_shift(learn, df, threshold=3.):
     offset = np.array([float(norm.means[c]) for c in conts]) if norm is not None else np.zeros(len(conts))
     mean_r, var_r = bn.running_mean.detach().double().cpu().numpy(), bn.running_var.detach().double().cpu().numpy()
     train_mean, train_std = offset + mean_r * scale, np.sqrt(var_r) * scale
-    n_new, n_ema = x.notna().sum().to_numpy().astype(float), _ema_samples(bn, getattr(learn.dls, 'bs', 64))
+    n_new = x.notna().sum().to_numpy().astype(float)
+    n_ema = min(_ema_samples(bn, getattr(learn.dls, 'bs', 64)), _n_train(learn))
     new_mean, new_std = x.mean().to_numpy(), x.std(ddof=1).to_numpy()
     inv_n = 1 / n_new + 1 / n_ema
-    z = (new_mean - train_mean) / (train_std * np.sqrt(inv_n))
-    kurt = np.nan_to_num(x.kurt().to_numpy() + 3, nan=3.)  # pandas gives excess kurtosis
+    effect = (new_mean - train_mean) / train_std
+    z = effect / np.sqrt(inv_n)
+    kurt_new = _kurtosis(x)
+    kurt_train = _kurtosis(_train_items(learn, conts), default=kurt_new)
     std_ratio = new_std / train_std
-    z_std = np.log(std_ratio) / np.sqrt(np.maximum(kurt - 1, 1e-6) / 4 * inv_n)
+    z_std = np.log(std_ratio) / np.sqrt((kurt_new - 1) / 4 / n_new + (kurt_train - 1) / 4 / n_ema)
+    mean_moved = (np.abs(z) > threshold) & (np.abs(effect) > min_effect)
+    spread_moved = (np.abs(z_std) > threshold) & (np.abs(np.log(std_ratio)) > np.log1p(min_effect))
     return pd.DataFrame({'feature': conts, 'train_mean': train_mean, 'train_std': train_std, 'new_mean': new_mean,
-                         'new_std': new_std, 'z': z, 'std_ratio': std_ratio,
-                         'shifted': (np.abs(z) > threshold) | (np.abs(z_std) > threshold)})
+                         'new_std': new_std, 'z': z, 'effect': effect, 'std_ratio': std_ratio,
+                         'shifted': mean_moved | spread_moved})

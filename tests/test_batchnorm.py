@@ -269,14 +269,21 @@ def test_bad_input(dls):
     with pytest.raises(ValueError, match='numeric'): bn_shift(learn, df.assign(depth='deep'))
 
 
-def test_bn_shift_units_and_flags(dls):
-    learn = make_learner(dls)
+@pytest.fixture(scope='module')
+def trained(dls):
+    "A learner trained for 3 epochs, for bn_shift (which only reads it)."
+    learn = make_learner(dls, seed=1)
     learn.fit(3, 3e-3)
+    return learn
+
+
+def test_bn_shift_units_and_flags(dls, trained):
+    learn = trained
     conts = list(dls.cont_names)
     norm = next(p for p in dls.procs if type(p).__name__ == 'Normalize')
     df, _ = example_df('diamonds', n_rows=1500)
     res = bn_shift(learn, df)
-    assert list(res.columns) == ['feature', 'train_mean', 'train_std', 'new_mean', 'new_std', 'z', 'std_ratio', 'shifted']
+    assert list(res.columns) == ['feature', 'train_mean', 'train_std', 'new_mean', 'new_std', 'z', 'effect', 'std_ratio', 'shifted']
     assert res['feature'].tolist() == conts and not res['shifted'].any()
     # train_* are bn_cont's running statistics in the data's own units
     bn = learn.model.bn_cont
@@ -284,6 +291,7 @@ def test_bn_shift_units_and_flags(dls):
         assert res['train_mean'][i] == pytest.approx(norm.means[c] + bn.running_mean[i].item() * norm.stds[c], rel=1e-6)
         assert res['train_std'][i] == pytest.approx(bn.running_var[i].item() ** 0.5 * norm.stds[c], rel=1e-6)
     np.testing.assert_allclose(res['new_mean'], df[conts].mean(), rtol=1e-9)
+    np.testing.assert_allclose(res['effect'], (res['new_mean'] - res['train_mean']) / res['train_std'], rtol=1e-12)
     np.testing.assert_allclose(res['std_ratio'], df[conts].std().to_numpy() / res['train_std'].to_numpy(), rtol=1e-9)
     # shift one feature's mean by half a standard deviation, double another's spread
     new = df.sample(800, random_state=1).copy()
@@ -294,6 +302,21 @@ def test_bn_shift_units_and_flags(dls):
     assert res.loc[res['shifted'], 'feature'].tolist() == ['carat', 'depth']
     assert res.set_index('feature')['z']['carat'] > 3 and res.set_index('feature')['std_ratio']['depth'] > 1.8
     assert bn_shift(learn, new, threshold=1e6)['shifted'].sum() == 0
+    assert bn_shift(learn, new, min_effect=1.5)['shifted'].sum() == 0   # material: half a std and a doubled spread are not 1.5
+
+
+def test_bn_shift_needs_significant_and_material(trained):
+    "Large samples of the training distribution are not flagged; a small move in a large sample is significant, material only past min_effect."
+    full, _ = example_df('diamonds')
+    samples = [full.sample(5000, random_state=s) for s in range(8)]
+    flagged = np.mean([bn_shift(trained, s)['shifted'].mean() for s in samples])
+    assert flagged == 0, f"false-positive rate {flagged:.1%} on same-distribution samples"
+    big = full.sample(20000, random_state=1)
+    big['carat'] += 0.13 * full['carat'].std()
+    res = {me: bn_shift(trained, big, min_effect=me).set_index('feature').loc['carat'] for me in (0., 0.1, 0.2)}
+    assert res[0.2]['z'] > 3 and 0.1 < res[0.2]['effect'] < 0.2     # significant, and a small effect
+    assert res[0.]['shifted'] and res[0.1]['shifted'] and not res[0.2]['shifted']
+    with pytest.raises(ValueError, match='min_effect'): bn_shift(trained, big, min_effect=-1)
 
 
 @pytest.fixture(scope='module')
