@@ -16,7 +16,7 @@ from fastcore.foundation import L
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import LogTable, StepCallback, plot_per_layer, rank0_log, unwrap_model
-from .precise import (_all_sum, bn_layers, channel_layer_index, check_count, flat_stats, population_pass, precise_batch_count,
+from .precise import (_all_sum, bn_layers, channel_layer_index, check_count, flat_stats, layer_means, population_pass, precise_batch_count,
                       precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss)
 
 __all__ = ['BNDrift', 'bn_shift']
@@ -25,58 +25,49 @@ __all__ = ['BNDrift', 'bn_shift']
 # ---------------------------------------------------------------------------------------------
 # BNDrift
 
-class _DriftPlan:
-    """The BN layers of one fit and what `BNDrift` needs per logged batch, kept off the `Callback` (whose
-    attribute writes consult the learner) so the hot path is a handful of tensor ops."""
+class _DriftLayers:
+    """The BN layers of one fit, laid out flat (every layer's running mean, then every layer's running
+    variance: 2C values), with what turns staged buffers into the drift columns: each channel's layer,
+    eps, and the running statistics when the fit began (μ_0, 1/√(σ²_0 + eps)). Plain attributes, kept off
+    the `Callback`, whose attribute writes consult the learner."""
     def __init__(self, bns):
         self.names, self.mods = list(bns.itemgot(0)), list(bns.itemgot(1))
         dev = self.mods[0].running_mean.device
-        sizes = [bn.num_features for bn in self.mods]
-        self.n_ch, self.n_layers = sum(sizes), len(sizes)
-        self.seg = channel_layer_index(sizes, dev)
-        self.inv_sizes = 1 / torch.tensor(sizes, device=dev, dtype=torch.float)
+        self.n_ch, self.n_layers = sum(bn.num_features for bn in self.mods), len(self.mods)
+        self.seg = channel_layer_index([bn.num_features for bn in self.mods], dev)
         self.eps = torch.tensor([bn.eps for bn in self.mods], device=dev)[self.seg]
         self.refresh()
         start = torch.cat(self.bufs)
         self.mean0, self.rstd0 = start[:self.n_ch].clone(), (start[self.n_ch:] + self.eps).rsqrt()
-        self.prev, self.mom_key = torch.empty_like(start), None
-        self.pending = self.fwd = self.ran = False
-        self.staged, self.staged_at = [], []
 
     def refresh(self):
-        "Every layer's running mean, then every layer's running variance (looked up again each epoch: `.to()` replaces buffers)."
+        "The running buffers, looked up again each epoch (`.to()` replaces them)."
         self.bufs = [bn.running_mean for bn in self.mods] + [bn.running_var for bn in self.mods]
 
-    def snapshot(self):
-        torch.cat(self.bufs, out=self.prev)
-        self.live = [bn.training for bn in self.mods]
+    def state(self):
+        "What a row needs besides the buffers, read from Python attributes: momenta, modes, and the CMA counters' tensors."
+        moms = tuple(bn.momentum for bn in self.mods)
+        nbt = torch.stack([bn.num_batches_tracked for bn in self.mods]) if None in moms else None
+        return moms, tuple(bn.training for bn in self.mods), nbt
 
-    def inv_momentum(self):
-        "1/m per channel, twice (means then variances), of the running-stat update that just ran; cached while momenta stay."
-        key = tuple(bn.momentum for bn in self.mods)
-        if key != self.mom_key:
-            self.mom_key, dev = key, self.seg.device
-            inv = torch.tensor([0. if m is None else (math.inf if m == 0 else 1 / m) for m in key], device=dev)
-            self.inv_const = inv[self.seg].repeat(2)
-            self.cma = torch.tensor([m is None for m in key], device=dev)[self.seg].repeat(2) if None in key else None
-        if self.cma is None: return self.inv_const
-        # cumulative average: m = 1/num_batches_tracked, already counted for this batch
-        nbt = torch.stack([bn.num_batches_tracked for bn in self.mods]).to(self.inv_const)[self.seg].repeat(2)
-        return torch.where(self.cma, nbt, self.inv_const)
+    def inv_momentum(self, moms, nbt):
+        "Per layer, 1/m of the running-stat update that ran: inf for m = 0, num_batches_tracked for a cumulative average (m = None)."
+        inv = torch.tensor([0. if m is None else (math.inf if m == 0 else 1 / m) for m in moms], device=self.seg.device)
+        return inv if nbt is None else torch.where(torch.tensor([m is None for m in moms], device=inv.device), nbt.to(inv), inv)
 
-    def per_layer(self):
-        "3 × n_layers: mean_shift, var_shift, mean_drift, each averaged over the layer's channels."
-        C, prev = self.n_ch, self.prev
-        step_over_m = (torch.cat(self.bufs) - prev).mul_(self.inv_momentum())   # (μ_B − μ_R, σ²_B − σ²_R)
-        mean_r, var_r = prev[:C], prev[C:]
-        stats = prev.new_empty(3, C)
-        torch.mul(step_over_m[:C].abs(), (var_r + self.eps).rsqrt_(), out=stats[0])
-        torch.log1p(step_over_m[C:] / var_r, out=stats[1]).abs_()                      # |log(σ²_B / σ²_R)|
-        torch.mul((mean_r - self.mean0).abs_(), self.rstd0, out=stats[2])
+    def drift(self, before, after, inv_m, live):
+        """k × 3 × n_layers: mean_shift, var_shift, mean_drift of k staged batches, each averaged over the
+        layer's channels. `before`/`after`: k × 2C running buffers around each batch; `inv_m`: k × n_layers."""
+        C = self.n_ch
+        step_over_m = (after - before).mul_(inv_m[:, self.seg].repeat(1, 2))   # (μ_B − μ_R, σ²_B − σ²_R)
+        mean_r, var_r = before[:, :C], before[:, C:]
+        stats = before.new_empty(len(before), 3, C)
+        torch.mul(step_over_m[:, :C].abs(), (var_r + self.eps).rsqrt(), out=stats[:, 0])
+        torch.log1p(step_over_m[:, C:] / var_r, out=stats[:, 1]).abs_()                 # |log(σ²_B / σ²_R)|
+        torch.mul((mean_r - self.mean0).abs_(), self.rstd0, out=stats[:, 2])
         # a segment sum, not a matmul: one layer's NaN or inf must not reach the others
-        out = stats.new_zeros(3, self.n_layers).index_add_(1, self.seg, stats).float().mul_(self.inv_sizes)
-        if not all(self.live):  # a BN layer in eval mode did not update: no batch statistics to show
-            out[:2, torch.tensor([not l for l in self.live], device=out.device)] = math.nan
+        out = layer_means(stats.view(-1, C), self.seg, self.n_layers).view(len(before), 3, self.n_layers)
+        out[:, :2].masked_fill_(~live[:, None, :], math.nan)   # a BN layer in eval mode did not update: no batch statistics
         return out
 
 
@@ -89,10 +80,15 @@ class BNDrift(StepCallback):
     (frozen BN), shows no batch statistics: its shift columns are NaN. A channel whose batch variance is 0
     (a dead unit) gives an infinite `var_shift` for its layer, as the formula says.
 
+    Per logged batch it only copies the running buffers before and after the batch into a staging block on
+    their device (one `torch.cat` each); the columns are derived for a whole block at once when the
+    pipeline flushes (`StepCallback`).
+
     With `precise_every=k`, at the end of every k-th epoch's training phase it measures the population
-    statistics over `precise_batches` training batches at the current weights (`precise_bn`'s pass) and
-    the validation loss with them, then puts every buffer and random state back, so training goes on
-    exactly as without it (`.precise_df`, and a `valid_loss_precise` column in the progress table).
+    statistics over `precise_batches` training batches at the current weights (`fastai_l5.precise`'s pass,
+    its batch-count policy: all the loader holds when fewer, said once) and the validation loss with them,
+    then puts every buffer and random state back, so training goes on exactly as without it
+    (`.precise_df`, and a `valid_loss_precise` column in the progress table).
 
     With `path`, `.df` is also written to that CSV file as training goes (at least once an epoch), and with
     `keep=False` too it is held there only (see `LogTable`); `.precise_df` (one row per measured epoch and
@@ -100,13 +96,13 @@ class BNDrift(StepCallback):
     precise pass's batch count and both validation losses are pooled over ranks and the gaps are taken from
     rank 0's running statistics (which DDP broadcasts before each forward), so `.precise_df` is the same on
     every rank; `.df` (and its file) is rank 0's alone."""
-    _stateattrs = ('_log', '_precise_log', '_plan')
+    _stateattrs = StepCallback._stateattrs + ('_precise_log', '_layers', '_buffers')
     drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
+    log_columns = ('step', 'epoch', 'layer') + drift_stats
 
     def __init__(self, every=1, precise_every=None, precise_batches=50, path=None, keep=True):
         super().__init__()
-        self._init_state()  # fastai's Callback.__init__ does not reach Stateful's
-        self._log = rank0_log(self._log.columns, path=path, keep=keep)
+        self.open_log(path, keep)
         self.every = check_count('every', every)
         self.precise_every = None if precise_every is None else check_count('precise_every', precise_every)
         self.precise_batches = check_count('precise_batches', precise_batches)
@@ -116,15 +112,8 @@ class BNDrift(StepCallback):
     def _init_state(self):
         "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
-        self._log = LogTable(['step', 'epoch', 'layer', *self.drift_stats])
-        self._precise_log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise'])
-        self._plan = None
-
-    @property
-    def df(self):
-        "One row per (logged training batch, BN layer): `step`, `epoch`, `layer`, `mean_shift`, `var_shift`, `mean_drift`."
-        self._unstage()
-        return self._log.df
+        self._put(_precise_log=LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise']),
+                  _layers=None, _buffers=None, _due=False)
 
     @property
     def precise_df(self):
@@ -133,72 +122,71 @@ class BNDrift(StepCallback):
 
     def reset(self):
         "Forget every logged row."
-        if self._plan is not None: self._plan.staged, self._plan.staged_at = [], []
-        self._log.clear(); self._precise_log.clear()
+        self.clear_log(); self._precise_log.clear()
 
     # --- setup -------------------------------------------------------------------------------
     def before_fit(self):
+        self.flush_log()   # rows staged by a fit that raised belong to its own reference
         super().before_fit()
-        self._unstage()
-        self._plan = _DriftPlan(require_bn(self.learn.model, 'BNDrift'))
-        self._logs_here, self._measured, self._last_loss_precise = rank_distrib() == 0, False, math.nan
+        layers = _DriftLayers(require_bn(self.learn.model, 'BNDrift'))
+        # staged buffers of one flush block: [slot, before/after, 2C]
+        self._put(_layers=layers, _buffers=layers.mean0.new_empty(self.flush_every, 2, 2 * layers.n_ch))
+        self._measured, self._last_loss_precise = False, math.nan
 
-    # --- every logged training batch ---------------------------------------------------------
-    def before_train(self): self._plan.refresh()
+    # --- every logged training batch: copy the buffers, nothing else -------------------------
+    def before_train(self): self._layers.refresh()
 
     def before_batch(self):
-        learn, plan = self.learn, self._plan
-        if not learn.training: return
-        self.n_train_batch += 1
-        plan.pending = self._logs_here and self.n_train_batch % self.every == 0
-        if not plan.pending: return
-        plan.fwd = plan.ran = False
-        plan.snapshot()
+        if not self.learn.training: return
+        n = self.n_train_batch + 1
+        due = self.logs_here and n % self.every == 0
+        self._put(n_train_batch=n, _due=due, _fwd=False, _ran=False)
+        if due: torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 0])
 
     def after_pred(self):
-        if self._plan.pending: self._plan.fwd = True
+        if self._due: self._put(_fwd=True)
 
-    def after_step(self):
-        self._plan.ran = self.count_step()
+    def after_step(self): self._put(_ran=self.count_step())
 
-    def after_batch(self): self._stage_pending()
+    def after_batch(self): self._stage_due()
 
     # a callback ordered before this one (TerminateOnNaNCallback, order -9) may raise CancelFitException in its
     # after_batch, so this one's never runs for that batch: the batch is logged on the way out instead
-    def after_cancel_fit(self): self._stage_pending()
-    def after_cancel_epoch(self): self._stage_pending()
-    def after_cancel_train(self): self._stage_pending()
+    def after_cancel_fit(self): self._stage_due()
+    def after_cancel_epoch(self): self._stage_due()
+    def after_cancel_train(self): self._stage_due()
 
-    def _stage_pending(self):
-        "Stage the current batch's row if it was due and its forward pass ran (so its running stats moved)."
-        plan = self._plan
-        if plan is None or not (plan.pending and plan.fwd and self.learn.training): return
-        plan.pending = False
-        step = self.n_step if plan.ran else self.n_step + 1  # a batch whose step was skipped feeds the next one
-        plan.staged.append(plan.per_layer()); plan.staged_at.append((step, self.learn.epoch))
-        if len(plan.staged) >= 64: self._unstage()
+    def _stage_due(self):
+        "Stage the current batch if it was due and its forward pass ran (so its running stats moved)."
+        if self._layers is None or not (self._due and self._fwd and self.learn.training): return
+        self._put(_due=False)
+        torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 1])
+        step = self.n_step if self._ran else self.n_step + 1   # a batch whose step was skipped feeds the next one
+        self.stage((step, self.learn.epoch, *self._layers.state()))
 
-    def _unstage(self):
-        "Move the staged rows to the host in one copy, as one block of the log."
-        plan = self._plan
-        if plan is None or not plan.staged: return
-        block = torch.stack(plan.staged).cpu().numpy()           # k × 3 × n_layers
-        at, n = np.array(plan.staged_at), plan.n_layers
-        plan.staged, plan.staged_at = [], []
-        self._log.append(step=np.repeat(at[:, 0], n), epoch=np.repeat(at[:, 1], n),
-                         layer=np.tile(np.array(plan.names, dtype=object), len(at)),
-                         mean_shift=block[:, 0].ravel(), var_shift=block[:, 1].ravel(), mean_drift=block[:, 2].ravel())
+    def rows(self, entries):
+        "The drift columns of the staged block, derived at once (one copy to the host)."
+        layers, k = self._layers, len(entries)
+        steps, epochs, moms, live, nbts = zip(*entries)
+        inv_m = torch.stack([layers.inv_momentum(m, nbt) for m, nbt in zip(moms, nbts)]) if len(set(moms)) > 1 or nbts[0] is not None \
+            else layers.inv_momentum(moms[0], None).expand(k, -1)
+        live = torch.tensor(live, device=inv_m.device)
+        block = layers.drift(self._buffers[:k, 0], self._buffers[:k, 1], inv_m, live).float().cpu().numpy()
+        n = layers.n_layers
+        return dict(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), layer=np.tile(np.array(layers.names, dtype=object), k),
+                    **{s: block[:, i].ravel() for i, s in enumerate(self.drift_stats)})
+
 
     # --- population statistics at epoch end ---------------------------------------------------
     def after_train(self):
-        self._unstage(); self._log.flush()  # a streamed log on disk is never more than an epoch behind
+        super().after_train()
         self._measured = bool(self.precise_every) and (self.epoch + 1) % self.precise_every == 0
         self._valid_sum, self._valid_n = 0., 0
         if self._measured: self._measure_population()
 
     def _measure_population(self):
         "The gaps to the population statistics and the validation loss under them; then every buffer as it was."
-        learn, bns, mods = self.learn, bn_layers(self.learn.model), self._plan.mods
+        learn, bns, mods = self.learn, bn_layers(self.learn.model), self._layers.mods
         n = precise_batch_count(self.precise_batches, learn.dls.train, mods[0].running_mean.device, strict=False,
                                 warn=self._warn_once)
         if n == 0: self._measured = False; return   # no training batch to measure with
@@ -227,16 +215,16 @@ class BNDrift(StepCallback):
     def after_epoch(self):
         if not self._measured: return
         sums = torch.tensor([float(self._valid_sum), float(self._valid_n)], dtype=torch.float64,
-                            device=self._plan.mods[0].running_mean.device)
+                            device=self._layers.mods[0].running_mean.device)
         loss_sum, n = _all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
         valid_loss = loss_sum / n if n else float('nan')
-        self._precise_log.append(epoch=self.epoch, layer=self._plan.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
+        self._precise_log.append(epoch=self.epoch, layer=self._layers.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 
     def after_fit(self):
         super().after_fit()
-        self._unstage(); self._log.flush(); self._precise_log.flush()
-        self._plan = None   # holds the model's modules: not kept between fits
+        self._precise_log.flush()
+        self._put(_layers=None, _buffers=None)   # they hold the model's modules: not kept between fits
 
     # --- plots -------------------------------------------------------------------------------
     _loss_lines = {'valid_loss': 'running (EMA) stats', 'valid_loss_precise': 'population stats'}

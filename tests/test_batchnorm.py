@@ -366,10 +366,10 @@ def test_drift_streams_to_disk(dls, tmp_path):
     learn.fit(2, 1e-2)
     cb = learn.bn_drift
     on_disk = pd.read_csv(path)
-    assert cb._log.nbytes() == 0 and len(on_disk) == len(cb.df) == (2 * len(dls.train) // 2) * len(bns(learn.model))
+    assert cb.table.nbytes() == 0 and len(on_disk) == len(cb.df) == (2 * len(dls.train) // 2) * len(bns(learn.model))
     assert list(on_disk.columns) == ['step', 'epoch', 'layer', 'mean_shift', 'var_shift', 'mean_drift']
     copy_ = pickle.loads(pickle.dumps(cb))
-    assert copy_._log.path is None and len(copy_.df) == 0
+    assert copy_.table.path is None and len(copy_.df) == 0
     assert len(pd.read_csv(path)) == len(on_disk)  # unpickling did not start the file again
     # in memory too (keep=True): the same rows as the file
     learn2 = make_learner(dls); learn2.add_cb(BNDrift(path=tmp_path / 'b.csv'))
