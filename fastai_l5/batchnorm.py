@@ -5,7 +5,7 @@ live in `fastai_l5.precise`; `BNDrift(precise_every=k)` measures with the same p
 from __future__ import annotations
 
 import math
-import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,8 @@ from fastcore.foundation import L
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import LogTable, StepCallback, plot_per_layer, rank0_log, unwrap_model
-from .precise import (_all_sum, bn_layers, channel_layer_index, check_count, flat_stats, layer_means, population_pass, precise_batch_count,
-                      precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss)
+from .precise import (_all_sum, bn_layers, check_count, flat_stats, population_pass, precise_batch_count,
+                      precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss, warn_once)
 
 __all__ = ['BNDrift', 'bn_shift']
 
@@ -27,47 +27,47 @@ __all__ = ['BNDrift', 'bn_shift']
 
 class _DriftLayers:
     """The BN layers of one fit, laid out flat (every layer's running mean, then every layer's running
-    variance: 2C values), with what turns staged buffers into the drift columns: each channel's layer,
-    eps, and the running statistics when the fit began (μ_0, 1/√(σ²_0 + eps)). Plain attributes, kept off
-    the `Callback`, whose attribute writes consult the learner."""
+    variance: 2C values), with what turns staged buffers into the drift columns on the host: each layer's
+    first channel and size, eps, and the running statistics when the fit began (μ_0, 1/√(σ²_0 + eps)).
+    Plain attributes, kept off the `Callback`, whose attribute writes consult the learner."""
     def __init__(self, bns):
         self.names, self.mods = list(bns.itemgot(0)), list(bns.itemgot(1))
-        dev = self.mods[0].running_mean.device
-        self.n_ch, self.n_layers = sum(bn.num_features for bn in self.mods), len(self.mods)
-        self.seg = channel_layer_index([bn.num_features for bn in self.mods], dev)
-        self.eps = torch.tensor([bn.eps for bn in self.mods], device=dev)[self.seg]
+        self.sizes = np.array([bn.num_features for bn in self.mods])
+        self.starts, self.n_ch, self.n_layers = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]), int(self.sizes.sum()), len(self.sizes)
+        self.eps = np.repeat(np.array([bn.eps for bn in self.mods], dtype=np.float32), self.sizes)
         self.refresh()
-        start = torch.cat(self.bufs)
-        self.mean0, self.rstd0 = start[:self.n_ch].clone(), (start[self.n_ch:] + self.eps).rsqrt()
+        start = torch.cat(self.bufs).float().cpu().numpy()
+        self.mean0, self.rstd0 = start[:self.n_ch], 1 / np.sqrt(start[self.n_ch:] + self.eps)
 
     def refresh(self):
         "The running buffers, looked up again each epoch (`.to()` replaces them)."
         self.bufs = [bn.running_mean for bn in self.mods] + [bn.running_var for bn in self.mods]
 
     def state(self):
-        "What a row needs besides the buffers, read from Python attributes: momenta, modes, and the CMA counters' tensors."
+        "What a row needs besides the buffers, read from Python attributes: momenta, modes, and the CMA counters' tensor."
         moms = tuple(bn.momentum for bn in self.mods)
         nbt = torch.stack([bn.num_batches_tracked for bn in self.mods]) if None in moms else None
         return moms, tuple(bn.training for bn in self.mods), nbt
 
-    def inv_momentum(self, moms, nbt):
-        "Per layer, 1/m of the running-stat update that ran: inf for m = 0, num_batches_tracked for a cumulative average (m = None)."
-        inv = torch.tensor([0. if m is None else (math.inf if m == 0 else 1 / m) for m in moms], device=self.seg.device)
-        return inv if nbt is None else torch.where(torch.tensor([m is None for m in moms], device=inv.device), nbt.to(inv), inv)
+    @staticmethod
+    def inv_momentum(moms, nbt):
+        "Per layer, 1/m of the running-stat update that ran: inf for m = 0, num_batches_tracked (host array) for a cumulative average (m = None)."
+        return np.array([n if m is None else (math.inf if m == 0 else 1 / m) for m, n in zip(moms, nbt)], dtype=np.float32)
 
     def drift(self, before, after, inv_m, live):
         """k × 3 × n_layers: mean_shift, var_shift, mean_drift of k staged batches, each averaged over the
-        layer's channels. `before`/`after`: k × 2C running buffers around each batch; `inv_m`: k × n_layers."""
+        layer's channels, in numpy (one pass per formula over the block; no thread pool to wake). `before`,
+        `after`: k × 2C running buffers around each batch; `inv_m`, `live`: k × n_layers."""
         C = self.n_ch
-        step_over_m = (after - before).mul_(inv_m[:, self.seg].repeat(1, 2))   # (μ_B − μ_R, σ²_B − σ²_R)
-        mean_r, var_r = before[:, :C], before[:, C:]
-        stats = before.new_empty(len(before), 3, C)
-        torch.mul(step_over_m[:, :C].abs(), (var_r + self.eps).rsqrt(), out=stats[:, 0])
-        torch.log1p(step_over_m[:, C:] / var_r, out=stats[:, 1]).abs_()                 # |log(σ²_B / σ²_R)|
-        torch.mul((mean_r - self.mean0).abs_(), self.rstd0, out=stats[:, 2])
-        # a segment sum, not a matmul: one layer's NaN or inf must not reach the others
-        out = layer_means(stats.view(-1, C), self.seg, self.n_layers).view(len(before), 3, self.n_layers)
-        out[:, :2].masked_fill_(~live[:, None, :], math.nan)   # a BN layer in eval mode did not update: no batch statistics
+        with np.errstate(divide='ignore', invalid='ignore'):   # m = 0 and dead units give NaN and inf, as documented
+            step_over_m = (after - before) * np.tile(np.repeat(inv_m, self.sizes, axis=1), 2)   # (μ_B − μ_R, σ²_B − σ²_R)
+            mean_r, var_r = before[:, :C], before[:, C:]
+            stats = np.stack([np.abs(step_over_m[:, :C]) / np.sqrt(var_r + self.eps),
+                              np.abs(np.log1p(step_over_m[:, C:] / var_r)),                    # |log(σ²_B / σ²_R)|
+                              np.abs(mean_r - self.mean0) * self.rstd0], axis=1)
+        # a segment sum over each layer's channels: one layer's NaN or inf must not reach the others
+        out = np.add.reduceat(stats, self.starts, axis=2) / self.sizes
+        out[:, :2][~np.broadcast_to(live[:, None, :], out[:, :2].shape)] = math.nan   # frozen BN: no batch statistics
         return out
 
 
@@ -130,7 +130,7 @@ class BNDrift(StepCallback):
         super().before_fit()
         layers = _DriftLayers(require_bn(self.learn.model, 'BNDrift'))
         # staged buffers of one flush block: [slot, before/after, 2C]
-        self._put(_layers=layers, _buffers=layers.mean0.new_empty(self.flush_every, 2, 2 * layers.n_ch))
+        self._put(_layers=layers, _buffers=layers.bufs[0].new_empty(self.flush_every, 2, 2 * layers.n_ch))
         self._measured, self._last_loss_precise = False, math.nan
 
     # --- every logged training batch: copy the buffers, nothing else -------------------------
@@ -165,17 +165,18 @@ class BNDrift(StepCallback):
         self.stage((step, self.learn.epoch, *self._layers.state()))
 
     def rows(self, entries):
-        "The drift columns of the staged block, derived at once (one copy to the host)."
+        "The drift columns of the staged block: one copy of the raw buffers to the host, then derived at once."
         layers, k = self._layers, len(entries)
         steps, epochs, moms, live, nbts = zip(*entries)
-        inv_m = torch.stack([layers.inv_momentum(m, nbt) for m, nbt in zip(moms, nbts)]) if len(set(moms)) > 1 or nbts[0] is not None \
-            else layers.inv_momentum(moms[0], None).expand(k, -1)
-        live = torch.tensor(live, device=inv_m.device)
-        block = layers.drift(self._buffers[:k, 0], self._buffers[:k, 1], inv_m, live).float().cpu().numpy()
+        counted = next((t for t in nbts if t is not None), None)   # num_batches_tracked, staged where some m is None
+        nbts = [[None] * layers.n_layers] * k if counted is None else \
+            torch.stack([counted.new_zeros(layers.n_layers) if t is None else t for t in nbts]).cpu().numpy()
+        inv_m = np.stack([layers.inv_momentum(m, n) for m, n in zip(moms, nbts)])
+        staged = self._buffers[:k].float().cpu().numpy()
+        block = layers.drift(staged[:, 0], staged[:, 1], inv_m, np.array(live))
         n = layers.n_layers
         return dict(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), layer=np.tile(np.array(layers.names, dtype=object), k),
                     **{s: block[:, i].ravel() for i, s in enumerate(self.drift_stats)})
-
 
     # --- population statistics at epoch end ---------------------------------------------------
     def after_train(self):
@@ -188,7 +189,7 @@ class BNDrift(StepCallback):
         "The gaps to the population statistics and the validation loss under them; then every buffer as it was."
         learn, bns, mods = self.learn, bn_layers(self.learn.model), self._layers.mods
         n = precise_batch_count(self.precise_batches, learn.dls.train, mods[0].running_mean.device, strict=False,
-                                warn=self._warn_once)
+                                warn=partial(warn_once, self), name='precise_batches')
         if n == 0: self._measured = False; return   # no training batch to measure with
         saved = flat_stats(mods)
         try:
@@ -198,11 +199,6 @@ class BNDrift(StepCallback):
                 self._last_loss_precise = valid_loss(learn)
         finally:
             with torch.no_grad(): set_flat_stats(mods, *saved)
-
-    def _warn_once(self, msg):
-        if getattr(self, '_warned', False): return
-        self._warned = True
-        warnings.warn(f"BNDrift(precise_batches={self.precise_batches}): {msg}", stacklevel=2)
 
     def _last_precise_loss(self): return self._last_loss_precise if self._measured else float('nan')
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,13 @@ def require_bn(model, who):
         raise ValueError(f"{who} needs a BatchNorm layer that tracks running statistics, and the model has none; "
                          "build it with batch norm (tabular_learner does by default: use_bn=True, bn_cont=True)")
     return bns
+
+
+def warn_once(cb, msg):
+    "Warn `msg`, headed by the callback's class name, the first time only for callback `cb`."
+    if cb.__dict__.get('_warned'): return
+    cb.__dict__['_warned'] = True
+    warnings.warn(f"{type(cb).__name__}: {msg}", stacklevel=3)
 
 
 def check_count(name, value, lo=1):
@@ -99,12 +107,12 @@ def _merge_moments(n, mean, m2, allsum=_all_sum):
 # ---------------------------------------------------------------------------------------------
 # The batch-count policy
 
-def precise_batch_count(n_batches, dl, device, strict=True, warn=None):
+def precise_batch_count(n_batches, dl, device, strict=True, warn=None, name='n_batches'):
     """How many batches of `dl` a precise pass reads, the same on every rank: `None` gives all the
     loader holds (the fewest over processes), at most `MAX_PRECISE_BATCHES`. An explicit count larger
     than that raises `ValueError` when `strict`, else is cut to it after calling `warn(message)`.
-    An empty loader raises when `strict` and gives 0 otherwise."""
-    if n_batches is not None: n_batches = check_count('n_batches', n_batches)
+    An empty loader raises when `strict` and gives 0 otherwise. `name`: the argument, in messages."""
+    if n_batches is not None: n_batches = check_count(name, n_batches)
     n, world = _all_min(len(dl), device), _world_size()
     where = f" on the rank with the fewest of {world} processes" if world > 1 else ""
     if n == 0 and strict:
@@ -113,8 +121,8 @@ def precise_batch_count(n_batches, dl, device, strict=True, warn=None):
                          "pass a dl with at least one batch, e.g. dl=learn.dls.train.new(drop_last=False), or lower bs")
     if n_batches is None: return min(n, MAX_PRECISE_BATCHES)
     if n_batches <= n: return n_batches
-    msg = f"n_batches={n_batches} but the loader holds only {n} batches{where}"
-    if strict: raise ValueError(f"{msg}: pass n_batches<={n}, n_batches=None (all of them), or a larger dl")
+    msg = f"{name}={n_batches} but the loader holds only {n} batches{where}"
+    if strict: raise ValueError(f"{msg}: pass {name}<={n}, {name}=None (all of them), or a larger dl")
     if warn is not None: warn(f"{msg}: using {n}")
     return n
 
@@ -360,7 +368,7 @@ class PreciseBNCallback(Callback):
         super().__init__()
         self._init_state()
         self.every, self.n_batches = check_count('every', every), check_count('n_batches', n_batches)
-        self.dropout, self._warned = bool(dropout), False
+        self.dropout = bool(dropout)
 
     def _init_state(self):
         "A fresh, empty log: also what an unpickled copy (`load_learner`) starts with."
@@ -389,13 +397,8 @@ class PreciseBNCallback(Callback):
     def _apply(self):
         self._trained = False
         bns, dl = require_bn(self.learn.model, 'PreciseBNCallback'), self.learn.dls.train
-        n = precise_batch_count(self.n_batches, dl, bns[0][1].running_mean.device, strict=False, warn=self._warn_once)
-        if n == 0: return self._warn_once("the training loader holds no batch; running statistics left as they were")
+        n = precise_batch_count(self.n_batches, dl, bns[0][1].running_mean.device, strict=False, warn=partial(warn_once, self))
+        if n == 0: return warn_once(self, "the training loader holds no batch; running statistics left as they were")
         gaps = _apply_population_stats(self.learn, bns, dl, n, self.dropout)
         self._log.append(epoch=self.epoch, layer=gaps['layer'].to_numpy(), mean_gap=gaps['mean_gap'].to_numpy(),
                          var_gap=gaps['var_gap'].to_numpy())
-
-    def _warn_once(self, msg):
-        if self._warned: return
-        self._warned = True
-        warnings.warn(f"PreciseBNCallback: {msg}", stacklevel=2)

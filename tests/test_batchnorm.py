@@ -463,7 +463,7 @@ def test_precise_bn_default_count_is_the_loader_at_most_200(dls):
 
 def test_drift_precise_pass_uses_all_batches_when_fewer_and_says_so(dls):
     learn = make_learner(dls)
-    with pytest.warns(UserWarning, match=f'precise_batches=50.*only {len(dls.train)} batches') as rec:
+    with pytest.warns(UserWarning, match=f'BNDrift: precise_batches=50 but the loader holds only {len(dls.train)} batches') as rec:
         learn.fit(2, 1e-2, cbs=(cb := BNDrift(precise_every=1)))
     assert len([w for w in rec if 'BNDrift' in str(w.message)]) == 1
     assert cb.precise_df['epoch'].tolist() == [0, 0, 0, 1, 1, 1]
