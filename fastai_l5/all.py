@@ -5,6 +5,7 @@ from .recipe import *
 from .optim import *
 from .momentum import *
 from .dropout import *
+from .precise import *
 from .batchnorm import *
 from .distributed import *
 from .diagnose import *

@@ -1,5 +1,6 @@
-"""What every fastai_l5 callback shares: real-step counting, columnar logs, per-epoch columns in
-fastai's progress table, layer names, and per-layer plots."""
+"""What every fastai_l5 callback shares: the telemetry pipeline (`StepCallback`: real-step counting,
+staging on the device, one flush policy, rank 0, per-epoch columns in fastai's progress table) and its host
+side (`LogTable`: numpy blocks, CSV streaming, a sink for TensorBoard/W&B), layer names, and per-layer plots."""
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,10 @@ from fastai.learner import ValueMetric, noop
 from fastai.torch_core import rank_distrib  # this `noop` is the one `Learner.no_logging` installs
 from fastcore.foundation import L
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ['StepCallback', 'LogTable', 'rank0_log', 'unwrap_model', 'layer_params', 'param_layer_names', 'plot_per_layer',
-           'new_figure', 'check_in_range']
+__all__ = ['StepCallback', 'LogTable', 'rank0_log', 'is_rank0', 'unwrap_model', 'layer_params', 'param_layer_names',
+           'plot_per_layer', 'new_figure', 'check_in_range']
 
 
 def check_in_range(name, value, lo=0., hi=1., lo_open=False, hi_open=True):
@@ -49,51 +51,50 @@ def param_layer_names(model):
 
 
 class LogTable:
-    """A columnar log: rows arrive in blocks (scalars, lists, numpy arrays or tensors), are kept as
-    numpy arrays, and become a `DataFrame` on demand. Tensor blocks stay where they were computed
-    until `flush` moves them to the host together, so logging adds no host sync per row.
+    """The host side of a log: columnar rows that arrive in blocks (scalars, lists, numpy arrays or tensors),
+    are kept as numpy arrays, and become a `DataFrame` on demand. `append` only queues a block (tensors stay
+    where they were computed); `flush` moves every queued block to the host at once (one device sync), appends
+    it to the CSV file at `path` if there is one, hands it to `sink` if one is set, and keeps it unless
+    `keep=False` (then `.df` reads the file back). When to flush is the caller's choice: `StepCallback`'s
+    pipeline flushes every `flush_every` logged steps and at the end of each training phase.
 
-    With `path`, every flushed block is also appended to a CSV file as training goes (a crash loses
-    at most the unflushed rows); with `keep=False` too, memory holds only the unflushed rows and
-    `.df` reads the file back.
-
-    `sink`, when set, is called with every block `flush` moves to the host (a dict column -> numpy array):
-    how the rows also reach TensorBoard or W&B (`fastai_l5.loggers`)."""
+    `sink`: None, or a callable taking each flushed host block, a dict column -> numpy array (how the
+    rows reach TensorBoard or W&B: see `StepCallback._logger_sink`)."""
     sink = None
 
-    def __init__(self, columns, path=None, keep=True, flush_every=64):
+    def __init__(self, columns, path=None, keep=True):
         if not keep and path is None: raise ValueError("keep=False needs a `path` to stream the rows to")
-        self.columns, self.path, self.keep, self.flush_every = list(columns), path, keep, flush_every
+        self.columns, self.path, self.keep = list(columns), path, keep
         self.clear()
 
     def clear(self):
         "Forget every row, and start `path` again if there is one."
-        self._pending, self._blocks, self._n_rows = [], [], 0
+        self._queued, self._blocks, self._n_rows = [], [], 0
         if self.path is not None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(self.columns)
 
     def append(self, **cols):
-        "Add a block of rows: every column is given, scalars are repeated to the block's length."
+        "Queue a block of rows: every column is given, scalars are repeated to the block's length."
         missing = set(self.columns) - set(cols)
         if missing: raise KeyError(f"LogTable.append is missing columns {sorted(missing)}")
         n = max((len(v) for v in cols.values() if _is_seq(v)), default=1)
-        self._pending.append((n, {c: cols[c] for c in self.columns}))
-        if len(self._pending) >= self.flush_every: self.flush()
+        self._queued.append((n, {c: cols[c] for c in self.columns}))
 
     def flush(self):
-        "Move the pending blocks to the host as one numpy block per column."
-        if not self._pending: return
-        pending, self._pending = self._pending, []
-        n = sum(k for k, _ in pending)
-        block = {c: _concat([_to_host(cols[c], k) for k, cols in pending]) for c in self.columns}
+        "Move the queued blocks to the host as one numpy block per column; returns that block (None if none was queued)."
+        if not self._queued: return None
+        queued, self._queued = self._queued, []
+        n = sum(k for k, _ in queued)
+        block = {c: _concat([_to_host(cols[c], k) for k, cols in queued]) for c in self.columns}
         self._n_rows += n
         if self.path is not None:
             pd.DataFrame(block, columns=self.columns).to_csv(self.path, mode='a', header=False, index=False)
         if self.keep: self._blocks.append(block)
         if self.sink is not None: self.sink(block)
+        return block
 
-    def __len__(self): return self._n_rows + sum(k for k, _ in self._pending)
+    def __len__(self): return self._n_rows + sum(k for k, _ in self._queued)
 
     @property
     def df(self):
@@ -108,11 +109,16 @@ class LogTable:
         return sum(a.nbytes for b in self._blocks for a in b.values())
 
 
-def rank0_log(columns, path=None, keep=True, **kwargs):
+def is_rank0():
+    "Whether this process keeps the logs: always without `torch.distributed`, rank 0 alone under it."
+    return rank_distrib() == 0
+
+
+def rank0_log(columns, path=None, keep=True):
     """A `LogTable` that only rank 0 streams to `path`: under `torch.distributed` the other processes keep
     theirs in memory (and log nothing into it), so they never truncate or write the file."""
-    if rank_distrib() != 0 and path is not None: path, keep = None, True
-    return LogTable(columns, path=path, keep=keep, **kwargs)
+    if not is_rank0() and path is not None: path, keep = None, True
+    return LogTable(columns, path=path, keep=keep)
 
 
 def _is_seq(v):
@@ -132,34 +138,118 @@ def _concat(arrays):
 
 
 class StepCallback(Callback):
-    """Base for fastai_l5's loggers. It counts *steps*: optimizer steps that actually ran, from 1,
-    across `fit` calls. fastai fires `after_step` even when `MixedPrecision` or
-    `GradientAccumulation` cancelled the step, so a cancelled step is noticed in `after_cancel_step`.
-    Subclasses that define `after_backward` call `super().after_backward()`; they call
-    `self.count_step()` once in `after_step` and log only when it returns True.
+    """The telemetry pipeline every fastai_l5 callback shares: a subclass says only *what* it measures, this
+    class owns how a measurement becomes a logged row.
 
-    It also puts per-epoch summary columns in fastai's progress table (`epoch_columns`, a dict
-    `{name: method_name}`): `ValueMetric`s appended to `learn.metrics` in `before_fit` (so they reach
-    `CSVLogger`, W&B and TensorBoard too) and removed in `after_fit`. Subclasses that define
-    `before_fit`/`after_fit` call `super()` there too. Not added under `validate`/`get_preds`
-    (logger is `noop`), so those return what they always return."""
+    - **Steps.** `n_step` counts optimizer steps that really ran, from 1, across fits. fastai fires `after_step`
+      even when `MixedPrecision` or `GradientAccumulation` cancelled the step, so a subclass calls
+      `self.count_step()` once in `after_step`: True (and `n_step` advanced) if the step ran.
+    - **Staging.** `self.stage(entry)` keeps one logged step's measurement, any object (its tensors stay on
+      their device: no host sync per step). The staged entries are flushed every `flush_every` entries, at the
+      end of every training phase, after the fit and when `.df` is read: the subclass's `rows(entries)` turns
+      them into one block (dict column -> sequence of values, tensors allowed) and `self.table`, a `LogTable`
+      with the columns `log_columns`, moves it to the host, its CSV file and its `sink` in one copy.
+    - **Rank 0.** Under `torch.distributed` only rank 0 logs: `self.logs_here` (set in `before_fit`) is False
+      elsewhere, and a subclass measures and stages only where it is True. `open_log(path, keep)` (called in
+      `__init__`) streams the table to `path` on rank 0 only.
+    - **Hot path.** Attributes that change every step are written with `self._put(name=value)`: it writes the
+      instance dict directly, skipping `Callback.__setattr__`'s check for names that shadow the `Learner`'s
+      (a dictionary lookup through the learner per write; our names never shadow).
+    - **Pickling** (`learn.export`). `table`, the staged entries and the names a subclass adds to
+      `_stateattrs` are left out; an unpickled callback (`load_learner`) runs `_init_state` and starts a fresh
+      log in memory, never touching the CSV file. `n_step` is kept.
+    - **Progress table.** `epoch_columns` `{name: method_name}` become `ValueMetric`s appended to
+      `learn.metrics` in `before_fit` (so they reach `CSVLogger`, W&B and TensorBoard too) and removed in
+      `after_fit`; not under `validate`/`get_preds` (logger `noop`), so those return what they always return.
+      `self.epoch_mean(column)` is the mean of a logged column over this epoch's rows (NaN left out).
+    - **Loggers.** `before_fit` sets `table.sink` from `_logger_sink()`, the one place a TensorBoard/W&B
+      fan-out plugs in (None: no sink).
+
+    A subclass that defines `before_fit`, `before_epoch`, `after_train`, `after_fit` or `after_backward` calls
+    `super()` there."""
     # after MixedPrecision (10, unscales grads) and DistributedTrainer (11, swaps modules), before
     # Recorder (50), whose before_fit reads the metric names
     order, n_step, epoch_columns = 40, 0, {}
+    log_columns = ()   # the columns of `self.table`; a callback that keeps no step log leaves it empty
+    flush_every = 64   # staged entries that move to the host together
+    logs_here, table = True, None
+    _stateattrs = ('table', '_staged', '_epoch_sums')
 
-    # These run every step: they write `__dict__` directly, skipping `Callback.__setattr__`'s
-    # check for shadowed Learner attributes (names here are ours alone).
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._init_state()  # fastai's `Callback.__init__` does not reach `Stateful`'s
+
+    def _init_state(self):
+        "A fresh, empty log in memory: what a new callback starts with and what an unpickled one gets."
+        super()._init_state()
+        self._put(table=LogTable(self.log_columns) if self.log_columns else None, _staged=[], _epoch_sums={})
+
+    def open_log(self, path=None, keep=True):
+        "Start the log: in memory (`keep`) and, on rank 0, streamed to the CSV file at `path` (see `LogTable`)."
+        self._put(table=rank0_log(self.log_columns, path=path, keep=keep))
+
+    def _put(self, **attrs):
+        "Set attributes on the hot path (see the class docstring)."
+        self.__dict__.update(attrs)
+
+    # ---- steps
     def count_step(self):
         "Call once in `after_step`: True, and `n_step` advanced, if the optimizer really stepped."
         ran = not self.__dict__.get('_step_cancelled', False)
-        self.__dict__['_step_cancelled'] = False
-        if ran: self.__dict__['n_step'] = self.n_step + 1
+        if ran: self._put(n_step=self.n_step + 1)
+        else: self._put(_step_cancelled=False)
         return ran
 
-    def after_backward(self): self.__dict__['_step_cancelled'] = False
-    def after_cancel_step(self): self.__dict__['_step_cancelled'] = True
+    def after_backward(self): self._put(_step_cancelled=False)
+    def after_cancel_step(self): self._put(_step_cancelled=True)
 
+    # ---- staging and flushing
+    def stage(self, entry):
+        "Keep one logged measurement until the next flush."
+        self._staged.append(entry)
+        if len(self._staged) >= self.flush_every: self.flush_log()
+
+    def rows(self, entries):
+        "The log block of `entries` (as staged): a dict `{column: sequence or scalar}` over `log_columns`."
+        raise NotImplementedError
+
+    def flush_log(self):
+        "Move the staged entries into the log as one block, and add them to this epoch's column means."
+        if not self._staged: return
+        staged = self._staged
+        self._put(_staged=[])
+        self.table.append(**self.rows(staged))
+        block = self.table.flush()
+        for c, a in block.items():
+            if a.dtype.kind != 'f': continue
+            ok = ~np.isnan(a)
+            s = self._epoch_sums.setdefault(c, [0., 0])
+            s[0] += float(a[ok].sum()); s[1] += int(ok.sum())
+
+    def epoch_mean(self, column):
+        "Mean of `column` over the rows logged since this epoch began (NaN where none are, or none is a number)."
+        self.flush_log()
+        total, n = self._epoch_sums.get(column, (0., 0))
+        return total / n if n else math.nan
+
+    def clear_log(self):
+        "Forget every logged row (a streamed CSV file starts again)."
+        self._put(_staged=[], _epoch_sums={})
+        self.table.clear()
+
+    @property
+    def df(self):
+        "Every logged row, as a `DataFrame` with the columns `log_columns`."
+        self.flush_log()
+        return self.table.df
+
+    def _logger_sink(self):
+        "The callable `table.sink` gets for this fit (rows to TensorBoard/W&B), or None."
+        return None
+
+    # ---- events
     def before_fit(self):
+        self.logs_here = is_rank0()
         from .loggers import attach_sinks  # here, not at the top: loggers imports this module
         attach_sinks(self)  # the one place our tables are wired to TensorBoard / W&B
         self._epoch_value_metrics = L()
@@ -167,7 +257,12 @@ class StepCallback(Callback):
         self._epoch_value_metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())
         self.learn.metrics = L(self.learn.metrics) + self._epoch_value_metrics
 
+    def before_epoch(self): self._put(_epoch_sums={})
+
+    def after_train(self): self.flush_log()  # a streamed log on disk is never more than an epoch behind
+
     def after_fit(self):
+        self.flush_log()
         ours = set(map(id, getattr(self, '_epoch_value_metrics', [])))
         if ours: self.learn.metrics = L(m for m in self.learn.metrics if id(m) not in ours)
         self._epoch_value_metrics = L()
@@ -188,9 +283,11 @@ def new_figure(**kwargs):
     return plt.figure(**kwargs)
 
 
-def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(), ax=None):
-    """One panel per column in `stats`, one line per layer; returns the figure (see `new_figure`). With `ax`
-    (one stat only) it draws that single panel into the given matplotlib `Axes`."""
+def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(), fmt='-', ax=None):
+    """One panel per column in `stats`, one line per layer; returns the figure (see `new_figure`). `x` and `fmt`
+    (a matplotlib format string) are one for all panels or a dict `{stat: value}` (default 'step', '-'); a panel
+    shows the rows whose `x` is known, so one frame can hold logs of different granularity. With `ax` (one stat
+    only) it draws that single panel into the given matplotlib `Axes`."""
     stats = L(stats)
     if not len(df): raise ValueError("nothing logged yet: train with the callback attached, then plot")
     unknown = [s for s in stats if s not in df.columns]
@@ -208,9 +305,11 @@ def plot_per_layer(df, stats, layers=None, x='step', title=None, ncols=2, logy=(
         if title: fig.suptitle(title)
     else: fig, axs = ax.figure, [ax]
     for ax, stat in zip(axs, stats):
-        for layer, g in df.groupby('layer', sort=False):
-            ax.plot(g[x].to_numpy(), g[stat].to_numpy(), label=str(layer), lw=1)
-        ax.set_xlabel(x); ax.set_title(stat)
+        xs, style = (x.get(stat, 'step') if isinstance(x, dict) else x), (fmt.get(stat, '-') if isinstance(fmt, dict) else fmt)
+        for layer, g in df[df[xs].notna()].groupby('layer', sort=False):
+            ax.plot(g[xs].to_numpy(), g[stat].to_numpy(), style, label=str(layer), lw=1, ms=3)
+        ax.set_xlabel(xs); ax.set_title(stat)
+        if xs == 'epoch': ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if stat in L(logy): ax.set_yscale('log')
     for ax in axs[len(stats):]: ax.set_visible(False)
     axs[0].legend(fontsize='small', ncols=2)

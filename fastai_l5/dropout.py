@@ -9,11 +9,10 @@ import weakref
 
 import numpy as np
 from fastai.learner import Learner
-from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
 from torch.nn.modules.dropout import _DropoutNd
 
-from .core import LogTable, StepCallback, check_in_range, plot_per_layer, rank0_log, unwrap_model
+from .core import StepCallback, check_in_range, plot_per_layer, unwrap_model
 
 __all__ = ['DropoutSchedule', 'early_dropout', 'late_dropout', 'curriculum_dropout', 'fastai_ps',
            'dropout_layers']
@@ -134,23 +133,21 @@ class DropoutSchedule(StepCallback):
 
     `.df`: one row per (training batch, dropout layer): `step` (the optimizer step the batch feeds, counted as
     `StepCallback` counts), `epoch`, `pct`, `layer`, `p`; under distributed training every process sets p and
-    rank 0 alone keeps the log. The progress table gets `dropout_p`, the mean p applied
-    over the epoch's training batches and the dropout layers. With `path`, the log is also written to that CSV file
-    as training goes (once an epoch), and with `keep=False` too it is held there only (see `LogTable`)."""
-    run_valid, epoch_columns = False, {'dropout_p': 'epoch_mean_p'}
-    _stateattrs = ('_table', '_rows', '_epoch_p', '_applied', '_owner', '_checked')
+    rank 0 alone keeps the log (and so the progress table's column). The progress table gets `dropout_p`, the mean
+    p applied over the epoch's training batches and the dropout layers. With `path`, the log is also written to
+    that CSV file as training goes (see `StepCallback` for when), and with `keep=False` too it is held there only
+    (see `LogTable`)."""
+    run_valid, epoch_columns, log_columns = False, {'dropout_p': 'epoch_mean_p'}, _COLUMNS
+    _stateattrs = StepCallback._stateattrs + ('_applied', '_owner', '_checked')
 
     def __init__(self, scheds, path=None, keep=True):
         _check_shape(scheds)
         self.scheds = scheds
         self._init_state()
-        self._table = rank0_log(_COLUMNS, path=path, keep=keep)
+        self.open_log(path, keep)
 
     def _init_state(self):
-        "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
-        self._table = LogTable(_COLUMNS)
-        self._rows, self._epoch_p = [], [0., 0]  # batches not yet in the log; the epoch's (sum of p, count)
         self._applied, self._owner, self._checked = None, None, None
 
     # -- resolving and checking, all before the first batch
@@ -185,40 +182,27 @@ class DropoutSchedule(StepCallback):
             self._checked = key
         self._names, self._mods = names, mods
         self._scheduled = [(m, s) for m, s in zip(mods, per_layer) if s is not None]
-        self._logs_here = rank_distrib() == 0  # every process sets p; only rank 0 keeps the log
-        super().before_fit()
+        super().before_fit()  # every process sets p; only rank 0 keeps the log
 
-    # -- the hot path: one attribute write per scheduled layer and one tuple kept per batch
+    # -- the hot path: one attribute write per scheduled layer and one tuple staged per batch
     def before_batch(self):
         if self._applied is None: self._remember()
         pct = float(self.learn.pct_train)
         # a plain float attribute: skip `nn.Module.__setattr__`'s parameter/buffer/module checks
         for m, s in self._scheduled: _set_attr(m, 'p', float(s(pct)) if callable(s) else s)
-        self._rows.append((self.n_step + 1, self.learn.epoch, pct, [m.p for m in self._mods]))
+        if self.logs_here: self.stage((self.n_step + 1, self.learn.epoch, pct, [m.p for m in self._mods]))
 
     def after_step(self): self.count_step()
 
-    def _flush_rows(self):
-        "Move the batches kept since the last call to the log, as one block, and into the epoch's mean."
-        rows = self._rows
-        if not rows: return
+    def rows(self, entries):
         n = len(self._names)
-        steps, epochs, pcts, ps = zip(*rows)
-        ps = np.asarray(ps, dtype=float).reshape(-1)
-        self._epoch_p[0] += ps.sum(); self._epoch_p[1] += ps.size
-        if self._logs_here:
-            self._table.append(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), pct=np.repeat(pcts, n),
-                               layer=np.array(self._names * len(rows), dtype=object), p=ps)
-        rows.clear()
-
-    def before_epoch(self):
-        self._flush_rows()
-        self._epoch_p[:] = [0., 0]
+        steps, epochs, pcts, ps = zip(*entries)
+        return dict(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), pct=np.repeat(pcts, n),
+                    layer=np.array(self._names * len(entries), dtype=object), p=np.asarray(ps, dtype=float).reshape(-1))
 
     def epoch_mean_p(self):
         "Mean p applied over this epoch's training batches and dropout layers."
-        self._flush_rows()
-        return self._epoch_p[0] / self._epoch_p[1] if self._epoch_p[1] else float('nan')
+        return self.epoch_mean('p')
 
     # -- giving p back
     def _remember(self):
@@ -231,23 +215,15 @@ class DropoutSchedule(StepCallback):
         self._applied, self._owner = None, None
         _UNRESTORED.discard(self)
 
-    def _log_all(self): self._flush_rows(); self._table.flush()
-
     def after_train(self):
         self.restore()  # validation, even inside a fit, sees the model's own p
-        self._log_all()  # once an epoch: a streamed log on disk is never more than an epoch behind
+        super().after_train()
 
     def after_fit(self):
         self.restore()
-        self._log_all()
         super().after_fit()
 
-    # -- results
-    @property
-    def df(self):
-        "One row per (training batch, dropout layer): `step`, `epoch`, `pct`, `layer`, `p`."
-        self._flush_rows()
-        return self._table.df
+    # -- results (`.df`: one row per (training batch, dropout layer): `step`, `epoch`, `pct`, `layer`, `p`)
 
     def plot(self, layers=None, x='step', ax=None):
         "The p applied to each dropout layer against `x` (`step` or `pct`): a `matplotlib.figure.Figure`."
@@ -266,7 +242,7 @@ def _fit_restoring_dropout(self, *args, **kwargs):
     try: return _fastai_fit(self, *args, **kwargs)
     except BaseException:
         for sched in list(_UNRESTORED):
-            if sched._owner is self: sched.restore(); sched._log_all()
+            if sched._owner is self: sched.restore(); sched.flush_log()
         raise
 
 

@@ -12,7 +12,17 @@ each taken over a layer's parameters concatenated:
 
 An optimizer that keeps no first moment (SGD or RMSProp with `mom=0`) logs NaN in `mom_norm`,
 `cos_mom_grad` and `sign_flip`: there is no momentum to compare with. One without a second moment logs
-NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach (`sign_flip` is NaN there)."""
+NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach (`sign_flip` is NaN there).
+
+How it is computed, per logged step, in six multi-tensor calls and no per-tensor Python: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖
+per tensor in one `_foreach_norm`; the products g·m in one `_foreach_mul`; then Σ|g·m|, Σ_{g·m<0}|g·m| and Σv
+in one 1-norm call (v ≥ 0) and #{g·m < 0} in one 0-norm call (it counts non-zeros) of the products clamped
+at 0. ⟨g, m⟩ = Σ|g·m| − 2·Σ_{g·m<0}|g·m|, as exact as summing g·m directly (both err by about
+ε·Σ|g·m| ≤ ε·‖g‖‖m‖). ‖Δp‖ needs the parameters from before the step, copied in `before_step`, except with
+this package's `ForeachSGD` (no Nesterov, no weight decay): its step is exactly Δp = −lr·m/(1−βᵗ if
+`debias`), so ‖Δp‖ = lr·‖m‖/… comes from the state and no copy of the model is made. (In float32 the two
+differ by the rounding of p, which the copy sees and the state does not: at most half an ulp of each pᵢ.)
+The per-tensor values of a block of steps are summed per layer and turned into the columns at flush time."""
 from __future__ import annotations
 
 import math
@@ -20,10 +30,10 @@ from itertools import groupby
 
 import torch
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 
-from .core import StepCallback, plot_per_layer, rank0_log, unwrap_model
+from .core import StepCallback, plot_per_layer, unwrap_model
+from .optim import ForeachSGD
 
 __all__ = ['MomentumLogger']
 
@@ -44,48 +54,60 @@ def _first(state, names):
     return None
 
 
+def _norms(tensors, ord):
+    "The `ord`-norm of each tensor, in one multi-tensor call (none for no tensor)."
+    return torch._foreach_norm(tensors, ord) if tensors else ()
+
+
 def _module_names(model):
     "Dict `id(param) -> name of the module owning it`, frozen parameters included, names as outside DDP."
     return {id(p): name for name, mod in unwrap_model(model).named_modules() for p in mod.parameters(recurse=False)}
 
 
-class _Plan:
-    "How the stepped parameters map to layers, and which of them hold a first and a second moment."
-    def __init__(self, model, opt, ps, has_m, has_v):
+def _update_from_state(opt):
+    """Whether this step's change is exactly Δp = −c·m for the first moment m after the step (this package's
+    `ForeachSGD` without Nesterov and without weight decay), so that ‖Δp‖ = c·‖m‖ needs no copy of p."""
+    return isinstance(opt, ForeachSGD) and not opt.nesterov and all(h.get('wd', 0.) == 0 for h in opt.hypers)
+
+
+class _ParamLayout:
+    """How the stepped parameters map to layers, which of them hold a first and a second moment, and where
+    each per-tensor value of a step goes in the (8, n_layers) table of per-layer sums."""
+    def __init__(self, key, model, opt, ps, has_m, has_v):
+        self.key = key
         owner, group = _module_names(model), {id(p): i for i, pg in enumerate(opt.param_lists) for p in pg}
         names = [owner.get(id(p), '(not in model)') for p in ps]
         self.layers = list(dict.fromkeys(names))
-        pos = {l: i for i, l in enumerate(self.layers)}
-        self.layer_group = [group.get(id(ps[names.index(l)]), 0) for l in self.layers]
+        self.group = [group.get(id(p), 0) for p in ps]
+        self.layer_group = [self.group[names.index(l)] for l in self.layers]
         self.m_idx = [i for i, h in enumerate(has_m) if h]
         self.v_idx = [i for i, h in enumerate(has_v) if h]
-        dev = ps[0].device
-        self.idx = torch.tensor([pos[n] for n in names], device=dev)
-        self.idx_m, self.idx_v = self.idx[self.m_idx], self.idx[self.v_idx]
+        self.every_m = len(self.m_idx) == len(ps)
+        pos = {l: i for i, l in enumerate(self.layers)}
+        dev, n_layers = ps[0].device, len(self.layers)
+        idx = torch.tensor([pos[n] for n in names], device=dev)
+        idx_m, idx_v = idx[self.m_idx], idx[self.v_idx]
         numel = torch.tensor([float(p.numel()) for p in ps], device=dev)
-        n_layers = len(self.layers)
-        # entries per layer that have a moment; a layer with none gets NaN in those columns (0/0 below)
-        self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_m, numel[self.m_idx])
-        self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, self.idx_v, numel[self.v_idx])
+        # entries per layer that have a moment; a layer with none gets NaN in those columns (0/0 in `_derive`)
+        self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, idx_m, numel[self.m_idx])
+        self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, idx_v, numel[self.v_idx])
         self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
-        # where each per-parameter value of `_sums` goes in the flattened (7, n_layers) table of sums
-        self.flat_idx = torch.cat([self.idx, self.idx + n_layers, self.idx + 2 * n_layers, self.idx_m + 3 * n_layers,
-                                   self.idx_m + 4 * n_layers, self.idx_m + 5 * n_layers, self.idx_v + 6 * n_layers])
-
-
-class _Step:
-    "What a logged step carries from `before_step` to `after_step`: kept off the `Callback`, whose setattr is slow."
-    snapped, ps = False, None
+        # a step's values, in the order `MomentumLogger._measure` lists them: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖ (squared at
+        # flush time), Σ|g·m|, Σ_{g·m<0}|g·m|, Σv, #{g·m<0}
+        rows = [idx, idx, idx, idx_m, idx_m, idx_m, idx_v, idx_m]
+        self.flat_idx = torch.cat([r + i * n_layers for i, r in enumerate(rows)])
+        self.n_squared = 3 * len(ps) + len(self.m_idx)
 
 
 def _derive(sums, numel_m, numel_v, nan_if_no_m):
-    """The `_STATS` rows from per-layer sums (Σg², Σ(Δp)², Σp², Σm², Σg·m, −#{g·m < 0}, Σv), one column per
-    (step, layer), with the matching counts of entries that have a first and a second moment."""
-    gg, dd, pp, mm, dot, minus_neg, v_sum = sums
-    grad_norm, update_norm, param_norm = gg.sqrt(), dd.sqrt(), pp.sqrt()
-    mom_norm = mm.sqrt() * nan_if_no_m
+    """The `_STATS` rows from per-layer sums (Σg², Σ(Δp)², Σp², Σm², Σ|g·m|, Σ_{g·m<0}|g·m|, Σv, #{g·m<0}), one
+    column per (step, layer), with the matching counts of entries that have a first and a second moment."""
+    g_sq, dp_sq, p_sq, m_sq, abs_gm, neg_gm, v_sum, n_neg = sums
+    grad_norm, update_norm, param_norm = g_sq.sqrt(), dp_sq.sqrt(), p_sq.sqrt()
+    mom_norm = m_sq.sqrt() * nan_if_no_m
+    dot = abs_gm - 2 * neg_gm
     # a NaN or inf product would not count as a flip: such layers get NaN (0·inf = NaN) instead
-    sign_flip = minus_neg / -numel_m + dot * 0
+    sign_flip = n_neg / numel_m + dot * 0
     return torch.stack([grad_norm, mom_norm, dot / (grad_norm * mom_norm), sign_flip, update_norm, param_norm,
                         update_norm / param_norm, (v_sum / numel_v).sqrt()])
 
@@ -96,144 +118,130 @@ class MomentumLogger(StepCallback):
 
     Reads fastai's optimizers and this package's (`grad_avg`, `sqr_avg`, hyper `mom`) and
     `OptimWrapper(torch.optim.SGD/Adam/AdamW/RMSprop)` (`momentum_buffer`, `exp_avg`, `exp_avg_sq`,
-    `square_avg`). All reductions are multi-tensor kernels kept on the parameters' device; results go
-    to the host in blocks of `flush_every` steps. The history survives `validate`/`get_preds` and further
-    fits (steps keep counting), and is left out of `learn.export()`. Under DDP only rank 0 logs (the
-    gradients are the ranks' average by then), naming layers as the unwrapped model does. `learn.epoch` is fastai's epoch within
-    the fit. The progress table gains the epoch means of `cos_mom_grad` and `sign_flip` (as `mom_cos`,
-    `mom_flip`). With `path`, rows are also appended to that CSV file as training goes (`keep=False`: only
-    there, and `.df` reads it back).
+    `square_avg`). All reductions are multi-tensor kernels kept on the parameters' device (see the module
+    docstring); rows reach the host in blocks (`StepCallback`'s pipeline). The history survives
+    `validate`/`get_preds` and further fits (steps keep counting), and is left out of `learn.export()`. Under
+    DDP only rank 0 logs (the gradients are the ranks' average by then), naming layers as the unwrapped model
+    does. `learn.epoch` is fastai's epoch within the fit. The progress table gains the epoch means of
+    `cos_mom_grad` and `sign_flip` (as `mom_cos`, `mom_flip`). With `path`, rows are also appended to that CSV
+    file as training goes (`keep=False`: only there, and `.df` reads it back).
 
-    Cost: a workspace as big as the model while fitting, and about a dozen multi-tensor passes over the
-    parameters, gradients and moments per logged step; `every=k` divides that by k."""
+    Cost per logged step: a copy of the parameters (none with `ForeachSGD`, see the module docstring) and six
+    multi-tensor calls; on the other steps, a step count. `every=k` logs steps k, 2k, …"""
+    log_columns = _COLUMNS
     epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
-    _stateattrs = ('table', '_pending', '_epoch_stats', '_snap', '_snap_key', '_plan', '_plan_key', '_step')
+    _stateattrs = StepCallback._stateattrs + ('_snap', '_layout')
 
-    def __init__(self, every=1, path=None, keep=True, flush_every=32):
+    def __init__(self, every=1, path=None, keep=True):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
-        store_attr()
+        store_attr('every')
         self._init_state()
-
-    def __setstate__(self, state):
-        # an unpickled logger (`load_learner`) starts a fresh log in memory and leaves the CSV file alone
-        super().__setstate__({**state, 'path': None, 'keep': True})
+        self.open_log(path, keep)
 
     def _init_state(self):
         super()._init_state()
-        self.table = rank0_log(_COLUMNS, path=getattr(self, 'path', None), keep=getattr(self, 'keep', True))
-        self._pending, self._epoch_stats = [], []
-        self._snap = self._snap_key = self._plan = self._plan_key = None
-        self._step = _Step()
+        self._put(_snap=None, _snap_key=None, _snap_ps=None, _layout=None, _snapped=False)
 
     # ---- events
-    def before_epoch(self): self._epoch_stats = []
-
     @torch.no_grad()
     def before_step(self):
-        "Snapshot p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
-        step = self._step
-        step.snapped = False
-        if (self.n_step + 1) % self.every or rank_distrib() != 0: return  # under DDP, rank 0 keeps the log
-        ps = [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
+        "On a logged step: copy p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
+        if (self.n_step + 1) % self.every or not self.logs_here: return
+        opt = self.learn.opt
+        ps = [p for pg in opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
-        key = tuple(map(id, ps))
-        if key != self._snap_key: self._snap, self._snap_key = [torch.empty_like(p, requires_grad=False) for p in ps], key
-        torch._foreach_copy_(self._snap, ps)
-        step.ps, step.snapped = ps, True
+        snap, key = None, tuple(map(id, ps))
+        if not _update_from_state(opt):
+            snap = self._snap if key == self._snap_key else [torch.empty_like(p, requires_grad=False) for p in ps]
+            torch._foreach_copy_(snap, ps)
+        self._put(_snap=snap, _snap_key=key if snap is not None else None, _snap_ps=ps, _snapped=True)
 
     @torch.no_grad()
     def after_step(self):
-        ran, step = self.count_step(), self._step
-        snapped, step.snapped = step.snapped, False
-        if not (ran and snapped): return
-        opt = self.learn.opt
-        names = _TORCH_NAMES if isinstance(opt, OptimWrapper) else _FASTAI_NAMES
-        states = opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
-        ps = step.ps
-        ms, vs = [], []
+        if not (self.count_step() and self._snapped): return
+        self._put(_snapped=False)
+        opt, ps = self.learn.opt, self._snap_ps
+        wrapped = isinstance(opt, OptimWrapper)
+        first, second = _TORCH_NAMES if wrapped else _FASTAI_NAMES
+        states = opt.opt.state if wrapped else opt.state
+        ms, vs, sts = [], [], []
         for p in ps:
             st = states.get(p) or {}
-            ms.append(_first(st, names[0])); vs.append(_first(st, names[1]))
-        has_m, has_v = tuple(m is not None for m in ms), tuple(v is not None for v in vs)
-        if (self._snap_key, has_m, has_v) != self._plan_key:
-            self._plan, self._plan_key = _Plan(self.learn.model, opt, ps, has_m, has_v), (self._snap_key, has_m, has_v)
-        plan = self._plan
-        sums = self._sums(plan, ps, [p.grad for p in ps], [m for m in ms if m is not None],
-                          [v for v in vs if v is not None])
-        # the statistics are derived from the sums in blocks, when the rows are drained
-        entry = (self.n_step, self.learn.epoch, plan, [float(h.get('mom', math.nan)) for h in opt.hypers], sums)
-        self._pending.append(entry)
-        self._epoch_stats.append(entry)
-        if len(self._pending) >= self.flush_every: self._drain()
+            sts.append(st); ms.append(_first(st, first)); vs.append(_first(st, second))
+        layout = self._layout_for(ps, ms, vs)
+        values = self._measure(layout, ps, [m for m in ms if m is not None], [v for v in vs if v is not None], sts)
+        self.stage((self.n_step, self.learn.epoch, layout, [float(h.get('mom', math.nan)) for h in opt.hypers], values))
 
     def after_fit(self):
         super().after_fit()
-        self._drain()
-        # the workspace is as big as the model: free it between fits
-        self._snap = self._snap_key = self._plan = self._plan_key = None
-        self._step.ps = None
+        # the copy of p is as big as the model: free it between fits
+        self._put(_snap=None, _snap_key=None, _snap_ps=None, _layout=None, _snapped=False)
 
     # ---- the math
-    def _sums(self, plan, ps, gs, ms, vs):
-        """(7, n_layers) per-layer Σg², Σ(Δp)², Σp², Σm², Σg·m, −#{g·m < 0}, Σv on the parameters' device, with
-        no host sync. Per parameter tensor: ‖g‖², ‖Δp‖², ‖p‖², ‖m‖², Σg·m, −#{g·m < 0}, Σv; then one `index_add`
-        sums them per layer. The statistics are derived from these sums in blocks (`_stats`), off the hot path."""
-        snap, n = self._snap, len(plan.layers)
-        torch._foreach_sub_(snap, ps)  # snap = p_before - p_after = -Δp
-        scalars = list(torch._foreach_norm(gs + snap + ps + ms))
-        n_sq = len(scalars)
-        if ms:
-            # the workspace now holds g·m, entry by entry, for the parameters that have a moment
-            every_m = len(ms) == len(ps)
-            w = snap if every_m else [snap[i] for i in plan.m_idx]
-            torch._foreach_copy_(w, gs if every_m else [gs[i] for i in plan.m_idx])
-            torch._foreach_mul_(w, ms)
-            scalars += [t.sum() for t in w]  # a loop of sums beats foreach_norm(ord=1) on CPU
-            torch._foreach_clamp_max_(w, 0.)
-            torch._foreach_sign_(w)  # -1 where g·m < 0, else 0 (NaN stays NaN)
-            scalars += [t.sum() for t in w]
-        scalars += [t.sum() for t in vs]
-        per_param = torch.stack(scalars).float()
-        per_param[:n_sq].square_()
-        return torch.zeros(7 * n, device=per_param.device).index_add_(0, plan.flat_idx, per_param).view(7, n)
+    def _layout_for(self, ps, ms, vs):
+        has_m, has_v = tuple(m is not None for m in ms), tuple(v is not None for v in vs)
+        key = (tuple(map(id, ps)), has_m, has_v)
+        if self._layout is None or self._layout.key != key:
+            self._put(_layout=_ParamLayout(key, self.learn.model, self.learn.opt, ps, has_m, has_v))
+        return self._layout
+
+    def _measure(self, layout, ps, ms, vs, states):
+        """The step's per-tensor values, in `_ParamLayout`'s order: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, Σ|g·m|,
+        Σ_{g·m<0}|g·m|, Σv, #{g·m<0}, as 0-dim tensors on the parameters' device (no host sync)."""
+        gs = [p.grad for p in ps]
+        snap = self._snap
+        if snap is None:  # ForeachSGD: Δp = −c·m exactly (see `_update_from_state`)
+            norms = torch._foreach_norm(gs + ps + ms)
+            n = len(ps)
+            dps = torch._foreach_mul(norms[2 * n:], self._update_scales(ps, states))
+            norms = [*norms[:n], *dps, *norms[n:]]
+        else:
+            torch._foreach_sub_(snap, ps)  # p_before − p_after = −Δp
+            norms = torch._foreach_norm(gs + snap + ps + ms)
+        if not ms: return [*norms, *_norms(vs, 1)]
+        gm = torch._foreach_mul(gs if layout.every_m else [gs[i] for i in layout.m_idx], ms)
+        neg = torch._foreach_clamp_max(gm, 0.)
+        return [*norms, *_norms([*gm, *neg, *vs], 1), *_norms(neg, 0)]
+
+    def _update_scales(self, ps, states):
+        "Per parameter, the c of Δp = −c·m for `ForeachSGD`'s step that just ran: lr, over 1 − βᵗ with `debias`."
+        opt, layout = self.learn.opt, self._layout
+        scales = [opt.hypers[g]['lr'] for g in layout.group]
+        if opt.debias: scales = [c * opt._debias(opt.hypers[g]['mom'], st['step']) for c, g, st in zip(scales, layout.group, states)]
+        return scales
 
     # ---- the log
     @staticmethod
     def _stats(entries):
-        "The `_STATS` rows, one column per (step, layer) of `entries`, from their per-layer sums."
+        "The `_STATS` rows, one column per (step, layer) of `entries`, from their per-tensor values."
         blocks = []
-        for plan, group in groupby(entries, key=lambda e: e[2]):
-            sums = [e[-1] for e in group]
-            k = len(sums)
-            blocks.append(_derive(torch.cat(sums, 1), plan.numel_m.repeat(k), plan.numel_v.repeat(k),
-                                  plan.nan_if_no_m.repeat(k)))
+        for layout, group in groupby(entries, key=lambda e: e[2]):
+            values = [e[-1] for e in group]
+            k = len(values)
+            per_tensor = torch.stack([v for vals in values for v in vals]).float().view(k, -1)
+            per_tensor[:, :layout.n_squared].square_()
+            n = len(layout.layers)
+            sums = per_tensor.new_zeros(k, 8 * n).index_add_(1, layout.flat_idx, per_tensor)
+            sums = sums.view(k, 8, n).transpose(0, 1).reshape(8, k * n)
+            blocks.append(_derive(sums, layout.numel_m.repeat(k), layout.numel_v.repeat(k), layout.nan_if_no_m.repeat(k)))
         return torch.cat(blocks, 1)
 
-    def _drain(self):
-        "Move the pending steps into the table as one tensor block per column."
-        if not self._pending: return
-        pending, self._pending = self._pending, []
-        cols = dict(zip(_STATS, self._stats(pending).unbind(0)))
-        self.table.append(step=[s for s, _, plan, *_ in pending for _ in plan.layers],
-                          epoch=[e for _, e, plan, *_ in pending for _ in plan.layers],
-                          layer=[l for _, _, plan, *_ in pending for l in plan.layers],
-                          beta=[float(betas[g]) for _, _, plan, betas, _ in pending for g in plan.layer_group], **cols)
-        self.table.flush()
+    def rows(self, entries):
+        cols = dict(zip(_STATS, self._stats(entries).unbind(0)))
+        return dict(step=[s for s, _, layout, *_ in entries for _ in layout.layers],
+                    epoch=[e for _, e, layout, *_ in entries for _ in layout.layers],
+                    layer=[l for _, _, layout, *_ in entries for l in layout.layers],
+                    beta=[float(betas[g]) for _, _, layout, betas, _ in entries for g in layout.layer_group], **cols)
 
     @property
     def df(self):
         "One row per (logged step, layer): `step`, `epoch`, `layer` and the statistics in the module docstring."
-        self._drain()
-        df = self.table.df
+        df = super().df
         return df.astype({'step': 'int64', 'epoch': 'int64'}) if len(df) else df
 
-    def _epoch_mean(self, row):
-        if not self._epoch_stats: return math.nan
-        return self._stats(self._epoch_stats)[row].nanmean().item()
-
-    def _epoch_cos(self): return self._epoch_mean(_STATS.index('cos_mom_grad'))
-    def _epoch_flip(self): return self._epoch_mean(_STATS.index('sign_flip'))
+    def _epoch_cos(self): return self.epoch_mean('cos_mom_grad')
+    def _epoch_flip(self): return self.epoch_mean('sign_flip')
 
     def plot(self, stats=('grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_ratio', 'beta'),
              layers=None, ax=None):

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import TerminateOnNaNCallback
+from fastai.learner import Learner, load_learner
 from fastai.tabular.all import tabular_config, tabular_learner
 from matplotlib.figure import Figure
 from torch import nn
 
 from fastai_l5.all import *
-from fastai_l5.batchnorm import _merge_moments
+from fastai_l5.precise import _merge_moments
 
 
 @pytest.fixture(scope='module')
@@ -268,14 +269,21 @@ def test_bad_input(dls):
     with pytest.raises(ValueError, match='numeric'): bn_shift(learn, df.assign(depth='deep'))
 
 
-def test_bn_shift_units_and_flags(dls):
-    learn = make_learner(dls)
+@pytest.fixture(scope='module')
+def trained(dls):
+    "A learner trained for 3 epochs, for bn_shift (which only reads it)."
+    learn = make_learner(dls, seed=1)
     learn.fit(3, 3e-3)
+    return learn
+
+
+def test_bn_shift_units_and_flags(dls, trained):
+    learn = trained
     conts = list(dls.cont_names)
     norm = next(p for p in dls.procs if type(p).__name__ == 'Normalize')
     df, _ = example_df('diamonds', n_rows=1500)
     res = bn_shift(learn, df)
-    assert list(res.columns) == ['feature', 'train_mean', 'train_std', 'new_mean', 'new_std', 'z', 'std_ratio', 'shifted']
+    assert list(res.columns) == ['feature', 'train_mean', 'train_std', 'new_mean', 'new_std', 'z', 'effect', 'std_ratio', 'shifted']
     assert res['feature'].tolist() == conts and not res['shifted'].any()
     # train_* are bn_cont's running statistics in the data's own units
     bn = learn.model.bn_cont
@@ -283,6 +291,7 @@ def test_bn_shift_units_and_flags(dls):
         assert res['train_mean'][i] == pytest.approx(norm.means[c] + bn.running_mean[i].item() * norm.stds[c], rel=1e-6)
         assert res['train_std'][i] == pytest.approx(bn.running_var[i].item() ** 0.5 * norm.stds[c], rel=1e-6)
     np.testing.assert_allclose(res['new_mean'], df[conts].mean(), rtol=1e-9)
+    np.testing.assert_allclose(res['effect'], (res['new_mean'] - res['train_mean']) / res['train_std'], rtol=1e-12)
     np.testing.assert_allclose(res['std_ratio'], df[conts].std().to_numpy() / res['train_std'].to_numpy(), rtol=1e-9)
     # shift one feature's mean by half a standard deviation, double another's spread
     new = df.sample(800, random_state=1).copy()
@@ -293,21 +302,53 @@ def test_bn_shift_units_and_flags(dls):
     assert res.loc[res['shifted'], 'feature'].tolist() == ['carat', 'depth']
     assert res.set_index('feature')['z']['carat'] > 3 and res.set_index('feature')['std_ratio']['depth'] > 1.8
     assert bn_shift(learn, new, threshold=1e6)['shifted'].sum() == 0
+    assert bn_shift(learn, new, min_effect=1.5)['shifted'].sum() == 0   # material: half a std and a doubled spread are not 1.5
 
 
-def test_precise_bn_unequal_ranks_raise_together(tmp_path):
+def test_bn_shift_needs_significant_and_material(trained):
+    "Large samples of the training distribution are not flagged; a small move in a large sample is significant, material only past min_effect."
+    full, _ = example_df('diamonds')
+    samples = [full.sample(5000, random_state=s) for s in range(8)]
+    flagged = np.mean([bn_shift(trained, s)['shifted'].mean() for s in samples])
+    assert flagged == 0, f"false-positive rate {flagged:.1%} on same-distribution samples"
+    big = full.sample(20000, random_state=1)
+    big['carat'] += 0.13 * full['carat'].std()
+    res = {me: bn_shift(trained, big, min_effect=me).set_index('feature').loc['carat'] for me in (0., 0.1, 0.2)}
+    assert res[0.2]['z'] > 3 and 0.1 < res[0.2]['effect'] < 0.2     # significant, and a small effect
+    assert res[0.]['shifted'] and res[0.1]['shifted'] and not res[0.2]['shifted']
+    with pytest.raises(ValueError, match='min_effect'): bn_shift(trained, big, min_effect=-1)
+
+
+@pytest.fixture(scope='module')
+def bn_ranks(tmp_path_factory):
+    "tests/bn_ddp_script.py on 2 CPU processes (gloo), once: what each rank saw, by rank."
+    out, root = tmp_path_factory.mktemp('bn_ddp'), Path(__file__).resolve().parents[1]
+    env = {'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])}
+    launch_cpu(root / 'tests' / 'bn_ddp_script.py', out, nproc=2, timeout=180, env=env)
+    return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in range(2)]
+
+
+def test_precise_bn_unequal_ranks_raise_together(bn_ranks):
     """Under DDP (2 CPU processes) a rank whose loader is too short makes every rank raise the same ValueError
     (the batch count is all-reduced first), where before it raised alone and left the other waiting forever."""
-    root = Path(__file__).resolve().parents[1]
-    env = {'PYTHONPATH': os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])}
-    launch_cpu(root / 'tests' / 'bn_ddp_script.py', tmp_path, nproc=2, timeout=180, env=env)
-    r0, r1 = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
+    r0, r1 = bn_ranks
     assert (r0['n_mine'], r1['n_mine'], r0['n_empty'], r1['n_empty']) == (9, 3, 9, 0)
     assert r0['too_many'] == r1['too_many'] != ''
     assert 'n_batches=5' in r0['too_many'] and 'only 3 batches on the rank with the fewest of 2' in r0['too_many']
     assert r0['empty'] == r1['empty'] != '' and 'loader is empty' in r0['empty']
     assert r0['fits'] == r1['fits'] == ''
     for k, v in r0['buffers'].items(): torch.testing.assert_close(v, r1['buffers'][k])  # pooled: the same everywhere
+
+
+def test_precise_bn_callback_same_buffers_on_every_rank(bn_ranks):
+    "Without SyncBatchNorm each rank's EMA follows its own batches; after PreciseBNCallback's pooled pass they are bitwise equal."
+    r0, r1 = (r['callback'] for r in bn_ranks)
+    assert any(not torch.equal(v, r1['before'][k]) for k, v in r0['before'].items())
+    for k, v in r0['after'].items():
+        assert torch.equal(v, r1['after'][k]), k
+        assert not torch.equal(v, r0['before'][k]), k
+    pd.testing.assert_frame_equal(r0['df'], r1['df'])
+    assert r0['df']['epoch'].tolist() == [0, 0, 0]
 
 
 def test_precise_bn_empty_loader_says_so(dls):
@@ -325,10 +366,10 @@ def test_drift_streams_to_disk(dls, tmp_path):
     learn.fit(2, 1e-2)
     cb = learn.bn_drift
     on_disk = pd.read_csv(path)
-    assert cb._log.nbytes() == 0 and len(on_disk) == len(cb.df) == (2 * len(dls.train) // 2) * len(bns(learn.model))
+    assert cb.table.nbytes() == 0 and len(on_disk) == len(cb.df) == (2 * len(dls.train) // 2) * len(bns(learn.model))
     assert list(on_disk.columns) == ['step', 'epoch', 'layer', 'mean_shift', 'var_shift', 'mean_drift']
     copy_ = pickle.loads(pickle.dumps(cb))
-    assert copy_._log.path is None and len(copy_.df) == 0
+    assert copy_.table.path is None and len(copy_.df) == 0
     assert len(pd.read_csv(path)) == len(on_disk)  # unpickling did not start the file again
     # in memory too (keep=True): the same rows as the file
     learn2 = make_learner(dls); learn2.add_cb(BNDrift(path=tmp_path / 'b.csv'))
@@ -349,3 +390,80 @@ def test_batch_cancelled_by_terminate_on_nan_is_logged(dls):
     learn.fit(1, 1e-2)
     df = learn.bn_drift.df
     assert sorted(set(df.step)) == [1, 2, 3] and df.mean_shift.notna().all()
+
+
+class CopyBeforePreciseBN(CopyAtEpochEnd):
+    "Test-only: the model and the training batches just before PreciseBNCallback (order 45) runs its pass."
+    order = 44
+
+
+def test_precise_bn_callback_applies_population_stats(dls, tmp_path):
+    "Every `every`-th epoch and the last: the buffers become the population statistics of the training batches, before validation."
+    learn = make_learner(dls)
+    cb, copier = PreciseBNCallback(every=2, n_batches=4), CopyBeforePreciseBN(4)
+    learn.add_cbs([cb, copier])
+    assert learn.precise_bn_cb is cb and learn.precise_bn.__func__ is Learner.precise_bn   # the method is not shadowed
+    learn.fit(3, 1e-2)
+    df = cb.df
+    assert list(df.columns) == ['epoch', 'layer', 'mean_gap', 'var_gap']
+    assert df['epoch'].tolist() == [1, 1, 1, 2, 2, 2] and df['layer'].tolist() == [n for n, _ in bns(learn.model)] * 2
+    for epoch, (model, batches, rng_state) in enumerate(copier.snaps):
+        pop = population_by_hooks(model, batches, rng_state=rng_state)
+        rows = df[df['epoch'] == epoch].set_index('layer')
+        for name, mod in bns(model):
+            mg, vg = gaps(mod.running_mean, mod.running_var, *pop[name])
+            if epoch == 0: assert mg > 1e-3   # not applied: the EMA stays, away from the population
+            else:
+                assert rows.loc[name, 'mean_gap'] == pytest.approx(mg, rel=1e-3, abs=1e-6)
+                assert rows.loc[name, 'var_gap'] == pytest.approx(vg, rel=1e-3, abs=1e-6)
+    for name, mod in bns(learn.model):   # after the last epoch: the population statistics, as validated
+        np.testing.assert_allclose(mod.running_mean.double(), pop[name][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mod.running_var.double(), pop[name][1], rtol=1e-5, atol=1e-6)
+    last_valid = learn.recorder.values[-1][1]
+    assert learn.validate()[0] == pytest.approx(last_valid, rel=1e-6)
+    learn.remove_cb(copier); learn.export(tmp_path / 'l.pkl')
+    loaded = load_learner(tmp_path / 'l.pkl')   # the population statistics are what inference uses; the log stays behind
+    for (k, a), b in zip(learn.model.state_dict().items(), loaded.model.state_dict().values()): assert torch.equal(a, b), k
+    assert len(loaded.precise_bn_cb.df) == 0 and loaded.precise_bn_cb.every == 2 and callable(loaded.precise_bn)
+
+
+def test_precise_bn_callback_warns_once_and_covers_an_early_stop(dls):
+    "More batches asked than the loader holds: all of them, one warning; a fit cancelled mid-epoch still ends with the pass."
+    class StopAt(Callback):
+        def __init__(self, n): self.n, self.seen = n, 0
+        def after_batch(self):
+            self.seen += self.training
+            if self.seen == self.n: raise CancelFitException()
+    learn = make_learner(dls)
+    learn.add_cb(PreciseBNCallback())
+    with pytest.warns(UserWarning, match=f'n_batches=200 but the loader holds only {len(dls.train)} batches') as rec:
+        learn.fit(2, 1e-2)
+    assert len([w for w in rec if 'PreciseBNCallback' in str(w.message)]) == 1
+    assert learn.precise_bn_cb.df['epoch'].tolist() == [0, 0, 0, 1, 1, 1]
+    stopped = make_learner(dls)
+    stopped.add_cbs([PreciseBNCallback(every=5, n_batches=3), StopAt(len(dls.train) + 2)])
+    stopped.fit(3, 1e-2)
+    assert stopped.precise_bn_cb.df['epoch'].tolist() == [1, 1, 1]
+
+
+def test_precise_bn_default_count_is_the_loader_at_most_200(dls):
+    learn = make_learner(dls)
+    state = copy.deepcopy(learn.model.state_dict())
+    def buffers_after(**kw):
+        learn.model.load_state_dict(state); precise_bn(learn, dropout=False, **kw)
+        return [t.clone() for n, t in learn.model.state_dict().items() if 'running_' in n]
+    assert all(map(torch.equal, buffers_after(), buffers_after(n_batches=len(dls.train))))
+    base = uneven_batches(dls, [2] * 100 + [3] * 30)
+    many = base + base[:120]                               # 250 batches: the default stops at 200
+    capped, all_ = buffers_after(dl=many), buffers_after(dl=many, n_batches=250)
+    assert all(map(torch.equal, capped, buffers_after(dl=many, n_batches=200)))
+    assert not all(map(torch.equal, capped, all_))
+    with pytest.raises(ValueError, match='n_batches=251 but the loader holds only 250'): precise_bn(learn, 251, dl=many)
+
+
+def test_drift_precise_pass_uses_all_batches_when_fewer_and_says_so(dls):
+    learn = make_learner(dls)
+    with pytest.warns(UserWarning, match=f'BNDrift: precise_batches=50 but the loader holds only {len(dls.train)} batches') as rec:
+        learn.fit(2, 1e-2, cbs=(cb := BNDrift(precise_every=1)))
+    assert len([w for w in rec if 'BNDrift' in str(w.message)]) == 1
+    assert cb.precise_df['epoch'].tolist() == [0, 0, 0, 1, 1, 1]

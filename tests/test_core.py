@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 from fastai.tabular.all import tabular_learner
+from fastai.callback.core import Callback
 from matplotlib.figure import Figure
 
 from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
@@ -16,11 +17,16 @@ def dls(): return example_dls('diamonds', bs=128, n_rows=1000)
 
 
 def test_logtable_blocks_scalars_and_tensors():
-    t = LogTable(['step', 'layer', 'v'], flush_every=2)
+    t, seen = LogTable(['step', 'layer', 'v']), []
+    t.sink = seen.append
     t.append(step=1, layer=['a', 'b'], v=torch.tensor([1., 2.]))
     t.append(step=2, layer=['a', 'b'], v=np.array([3., float('nan')]))
+    assert t.nbytes() == 0 and not seen  # queued, not yet on the host
+    block = t.flush()
+    assert seen == [block] and set(block) == {'step', 'layer', 'v'}  # the sink gets each host block
+    assert block['step'].tolist() == [1, 1, 2, 2] and isinstance(block['v'], np.ndarray)
     t.append(step=3, layer='a', v=5.)
-    assert len(t) == 5
+    assert len(t) == 5 and t.flush() is not None and t.flush() is None
     df = t.df
     assert list(df.columns) == ['step', 'layer', 'v']
     assert df.step.tolist() == [1, 1, 2, 2, 3] and df.layer.tolist() == ['a', 'b', 'a', 'b', 'a']
@@ -30,8 +36,8 @@ def test_logtable_blocks_scalars_and_tensors():
 
 def test_logtable_streams_to_csv(tmp_path):
     path = tmp_path / 'log.csv'
-    t = LogTable(['step', 'x'], path=path, keep=False, flush_every=1)
-    for i in range(3): t.append(step=i, x=torch.tensor([i * 1.]))
+    t = LogTable(['step', 'x'], path=path, keep=False)
+    for i in range(3): t.append(step=i, x=torch.tensor([i * 1.])); t.flush()
     assert t.nbytes() == 0  # nothing kept in memory
     on_disk = pd.read_csv(path)
     assert on_disk.step.tolist() == [0, 1, 2]
@@ -100,3 +106,59 @@ def test_layer_params_and_plot(dls):
     with pytest.raises(ValueError, match='unknown stats'): plot_per_layer(df, 'nope')
     with pytest.raises(ValueError, match='unknown layers'): plot_per_layer(df, 's', layers=['zz'])
     with pytest.raises(ValueError, match='nothing logged'): plot_per_layer(df.iloc[:0], 's')
+
+
+class LossLog(StepCallback):
+    "A minimal pipeline user: stages the training loss (a tensor, left on its device) of every real step."
+    log_columns, flush_every = ['step', 'epoch', 'loss'], 3
+    epoch_columns = {'mean_loss': 'epoch_loss'}
+    def __init__(self, path=None, keep=True): self._init_state(); self.open_log(path, keep)
+    def after_step(self):
+        if self.count_step() and self.logs_here: self.stage((self.n_step, self.learn.epoch, self.learn.loss.detach()))
+    def rows(self, entries):
+        steps, epochs, losses = zip(*entries)
+        return dict(step=list(steps), epoch=list(epochs), loss=torch.stack(losses))
+    def epoch_loss(self): return self.epoch_mean('loss')
+
+
+class LossRecorder(Callback):
+    order = 45
+    def before_fit(self): self.losses = getattr(self, 'losses', [])
+    def after_step(self): self.losses.append(self.learn.loss.item())
+
+
+def test_pipeline_stages_flushes_and_feeds_the_sink(dls, tmp_path):
+    path = tmp_path / 'loss.csv'
+    log, rec, blocks = LossLog(path=path), LossRecorder(), []
+    log._logger_sink = lambda: blocks.append  # what a TensorBoard/W&B fan-out plugs into
+    learn = tabular_learner(dls, layers=[8], cbs=[log, rec])
+    n = len(dls.train)
+    learn.fit(2, 1e-3)
+    df = log.df
+    assert df.step.tolist() == list(range(1, 2 * n + 1)) and df.epoch.tolist() == [0] * n + [1] * n
+    np.testing.assert_allclose(df.loss, rec.losses, rtol=1e-6)
+    # one policy: blocks of `flush_every` steps, and whatever is left at the end of each training phase
+    sizes = [len(b['step']) for b in blocks]
+    assert sum(sizes) == 2 * n and max(sizes) == 3 and sizes[:n // 3] == [3] * (n // 3)
+    assert pd.read_csv(path).step.tolist() == df.step.tolist()  # streamed as it went
+    # the progress table's column is the epoch mean of the logged column
+    names = learn.recorder.metric_names[1:-1]
+    for epoch, values in enumerate(learn.recorder.values):
+        assert dict(zip(names, values))['mean_loss'] == pytest.approx(df[df.epoch == epoch].loss.mean(), rel=1e-6)
+
+
+def test_pipeline_unpickles_a_fresh_log_and_logs_on_rank0_only(dls, tmp_path, monkeypatch):
+    import pickle
+    import fastai_l5.core as core
+    path = tmp_path / 'loss.csv'
+    log = LossLog(path=path, keep=False)
+    learn = tabular_learner(dls, layers=[8], cbs=[log])
+    learn.fit(1, 1e-3)
+    on_disk = pd.read_csv(path)
+    copy = pickle.loads(pickle.dumps(log))
+    assert copy.n_step == log.n_step > 0 and len(copy.df) == 0 and copy.table.path is None
+    assert pd.read_csv(path).equals(on_disk)  # the copy left the file alone
+    monkeypatch.setattr(core, 'rank_distrib', lambda: 1)
+    other = LossLog()
+    tabular_learner(dls, layers=[8], cbs=[other]).fit(1, 1e-3)
+    assert other.n_step == len(dls.train) and len(other.df) == 0
