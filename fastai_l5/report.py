@@ -52,7 +52,7 @@ def instrumented_learner(dls, layers=(200, 100), p=0.2, embed_p=0.05, opt_func=N
     ps = fastai_ps(p, len(layers))
     if metrics is None: metrics = rmse if dls.c == 1 else accuracy
     cbs = [MomentumLogger(), DropoutSchedule([curriculum_dropout(q) for q in [embed_p] + ps]),
-           BNDrift(precise_every=1, precise_batches=20)]
+           BNDrift(precise_every=1, precise_batches=max(1, min(20, len(dls.train))))]  # small data: all it holds
     return tabular_learner(dls, layers=layers, config=tabular_config(ps=ps, embed_p=embed_p), y_range=y_range,
                            opt_func=opt_func or adam(), metrics=metrics, cbs=cbs)
 
