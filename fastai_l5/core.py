@@ -126,7 +126,10 @@ def _is_seq(v):
 
 
 def _to_host(v, n):
-    if isinstance(v, torch.Tensor): v = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+    if isinstance(v, torch.Tensor):
+        # floats as float32 (half/bfloat16 widened), float64 kept
+        if v.is_floating_point() and v.dtype != torch.float64: v = v.float()
+        v = v.detach().cpu().numpy()
     if not _is_seq(v): return np.full(n, v, dtype=object if isinstance(v, str) else None)
     return np.asarray(v)
 

@@ -92,11 +92,11 @@ class _ParamLayout:
         self.numel_m = torch.zeros(n_layers, device=dev).index_add_(0, idx_m, numel[self.m_idx])
         self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, idx_v, numel[self.v_idx])
         self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
-        # a step's values, in the order `MomentumLogger._measure` lists them: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖ (squared at
-        # flush time), Σ|g·m|, Σ_{g·m<0}|g·m|, Σv, #{g·m<0}
-        rows = [idx, idx, idx, idx_m, idx_m, idx_m, idx_v, idx_m]
-        self.flat_idx = torch.cat([r + i * n_layers for i, r in enumerate(rows)])
-        self.n_squared = 3 * len(ps) + len(self.m_idx)
+        # a step's values, in the order `MomentumLogger._measure` lists them: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, √#{g·m<0}
+        # (squared at flush time), Σ|g·m|, Σ_{g·m<0}|g·m|, Σv; each goes to its row of the table of sums
+        order, rows = [idx, idx, idx, idx_m, idx_m, idx_m, idx_m, idx_v], [0, 1, 2, 3, 7, 4, 5, 6]
+        self.flat_idx = torch.cat([i + row * n_layers for i, row in zip(order, rows)])
+        self.n_squared = 3 * len(ps) + 2 * len(self.m_idx)
 
 
 def _derive(sums, numel_m, numel_v, nan_if_no_m):
@@ -187,22 +187,22 @@ class MomentumLogger(StepCallback):
         return self._layout
 
     def _measure(self, layout, ps, ms, vs, states):
-        """The step's per-tensor values, in `_ParamLayout`'s order: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, Σ|g·m|,
-        Σ_{g·m<0}|g·m|, Σv, #{g·m<0}, as 0-dim tensors on the parameters' device (no host sync)."""
+        """The step's per-tensor values, in `_ParamLayout`'s order: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, √#{g·m<0}, Σ|g·m|,
+        Σ_{g·m<0}|g·m|, Σv, as one tensor on the parameters' device (no host sync)."""
         gs = [p.grad for p in ps]
-        snap = self._snap
+        n, snap = len(ps), self._snap
+        if snap is not None: torch._foreach_sub_(snap, ps)  # p_before − p_after = −Δp
+        if ms:
+            gm = torch._foreach_mul(gs if layout.every_m else [gs[i] for i in layout.m_idx], ms)
+            neg = torch._foreach_clamp_max(gm, 0.)
+            flips = torch._foreach_sign(neg)  # −1 where g·m < 0, else 0 (NaN stays NaN): its squared 2-norm counts
+        else: gm = neg = flips = []
         if snap is None:  # ForeachSGD: Δp = −c·m exactly (see `_update_from_state`)
-            norms = torch._foreach_norm(gs + ps + ms)
-            n = len(ps)
-            dps = torch._foreach_mul(norms[2 * n:], self._update_scales(ps, states))
+            norms = torch._foreach_norm([*gs, *ps, *ms, *flips])
+            dps = torch._foreach_mul(norms[2 * n:3 * n], self._update_scales(ps, states))
             norms = [*norms[:n], *dps, *norms[n:]]
-        else:
-            torch._foreach_sub_(snap, ps)  # p_before − p_after = −Δp
-            norms = torch._foreach_norm(gs + snap + ps + ms)
-        if not ms: return [*norms, *_norms(vs, 1)]
-        gm = torch._foreach_mul(gs if layout.every_m else [gs[i] for i in layout.m_idx], ms)
-        neg = torch._foreach_clamp_max(gm, 0.)
-        return [*norms, *_norms([*gm, *neg, *vs], 1), *_norms(neg, 0)]
+        else: norms = torch._foreach_norm([*gs, *snap, *ps, *ms, *flips])
+        return torch.stack([*norms, *_norms([*gm, *neg, *vs], 1)])
 
     def _update_scales(self, ps, states):
         "Per parameter, the c of Δp = −c·m for `ForeachSGD`'s step that just ran: lr, over 1 − βᵗ with `debias`."
@@ -219,7 +219,8 @@ class MomentumLogger(StepCallback):
         for layout, group in groupby(entries, key=lambda e: e[2]):
             values = [e[-1] for e in group]
             k = len(values)
-            per_tensor = torch.stack([v for vals in values for v in vals]).float().view(k, -1)
+            per_tensor = torch.stack(values)
+            if per_tensor.dtype != torch.float64: per_tensor = per_tensor.float()  # half models sum in float32
             per_tensor[:, :layout.n_squared].square_()
             n = len(layout.layers)
             sums = per_tensor.new_zeros(k, 8 * n).index_add_(1, layout.flat_idx, per_tensor)
