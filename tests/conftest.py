@@ -1,12 +1,22 @@
-"Shared fixtures: the notebooks in nbs/ are executed once per test session, for both the notebook tests and the docs site."
+"""Shared fixtures: the example loaders each test module trains on, and the notebooks in nbs/, executed once per
+test session for both the notebook tests and the docs site."""
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from fastai_l5.data import example_dls
 from fastai_l5.docs import DocsError, docs_pages, execute_notebook
 
 NBS = Path(__file__).resolve().parent.parent / 'nbs'
+
+
+@pytest.fixture(scope='module')
+def dls(request):
+    """Diamonds loaders sized by the test module's `DLS = dict(n_rows=..., bs=...)` (default 3000 rows, bs 256:
+    9 training batches), built once per module."""
+    size = {'n_rows': 3000, 'bs': 256, **getattr(request.module, 'DLS', {})}
+    return example_dls('diamonds', **size)
 
 
 @pytest.fixture(scope='session')

@@ -8,12 +8,10 @@ from fastai.callback.core import Callback
 from matplotlib.figure import Figure
 
 from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
-from fastai_l5.data import example_dls
 from helpers import SkipEvery
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', bs=128, n_rows=1000)
+DLS = dict(n_rows=1000, bs=128)
 
 
 def test_logtable_blocks_scalars_and_tensors():

@@ -17,7 +17,7 @@ from fastai.torch_core import params, set_seed
 from matplotlib.figure import Figure
 
 from fastai_l5.all import *
-from helpers import SkipEvery
+from helpers import SkipEvery, make_learn
 
 warnings.filterwarnings('ignore', category=UserWarning)
 
@@ -25,14 +25,7 @@ STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm', 'p
          'beta', 'sqr_avg_rms']
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
-
-
-def make_learn(dls, opt_func=Adam, cbs=(), **kw):
-    set_seed(0)
-    learn = tabular_learner(dls, layers=[16, 8], opt_func=opt_func, cbs=list(cbs), **kw)
-    return learn
+DLS = dict(n_rows=3000, bs=256)
 
 
 def torch_opt(cls, **kw): return partial(OptimWrapper, opt=partial(cls, **kw))
