@@ -160,3 +160,22 @@ def test_pipeline_unpickles_a_fresh_log_and_logs_on_rank0_only(dls, tmp_path, mo
     other = LossLog()
     tabular_learner(dls, layers=[8], cbs=[other]).fit(1, 1e-3)
     assert other.n_step == len(dls.train) and len(other.df) == 0
+
+
+def test_import_shows_figures_in_jupyter_without_overriding_a_chosen_format():
+    "Importing fastai_l5 in a kernel registers PNG for `Figure`s only where no image format handles them yet."
+    import fastai_l5
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.core.pylabtools import select_figure_formats
+    ip = InteractiveShell.instance()
+    fmt = ip.display_formatter.formatters
+    try:
+        ip.kernel = object()  # what makes it a Jupyter kernel to us
+        fastai_l5._show_figures_inline()
+        assert fmt['image/png'].lookup_by_type(Figure) is not None
+        select_figure_formats(ip, {'svg'})  # the user's own choice...
+        fastai_l5._show_figures_inline()
+        with pytest.raises(KeyError): fmt['image/png'].lookup_by_type(Figure)  # ...is kept
+    finally:
+        del ip.kernel
+        InteractiveShell.clear_instance()
