@@ -143,11 +143,16 @@ class MomentumLogger(StepCallback):
         super()._init_state()
         self._put(_work=None, _work_key=None, _snap_ps=None, _copied=False, _layout=None, _snapped=False)
 
-    # ---- events
-    @torch.no_grad()
+    # ---- events (a step that is not logged costs a modulo and a count: `no_grad` is entered only to log)
     def before_step(self):
+        if (self.n_step + 1) % self.every == 0 and self.logs_here: self._keep_p()
+
+    def after_step(self):
+        if self.count_step() and self._snapped: self._log_step()
+
+    @torch.no_grad()
+    def _keep_p(self):
         "On a logged step: copy p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
-        if (self.n_step + 1) % self.every or not self.logs_here: return
         opt = self.learn.opt
         ps = [p for pg in opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
@@ -158,8 +163,7 @@ class MomentumLogger(StepCallback):
         self._put(_work=work, _work_key=key, _snap_ps=ps, _copied=copied, _snapped=True)
 
     @torch.no_grad()
-    def after_step(self):
-        if not (self.count_step() and self._snapped): return
+    def _log_step(self):
         self._put(_snapped=False)
         opt, ps = self.learn.opt, self._snap_ps
         wrapped = isinstance(opt, OptimWrapper)

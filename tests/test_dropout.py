@@ -7,7 +7,6 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.learner import Learner, load_learner
-from fastai.tabular.all import tabular_config, tabular_learner
 from fastcore.test import test_close as close_enough
 from matplotlib.figure import Figure
 from torch import nn

@@ -7,8 +7,6 @@ import pytest
 import torch
 from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.fp16 import MixedPrecision
-from fastai.tabular.all import tabular_config, tabular_learner
-from fastai.torch_core import set_seed
 from fastcore.test import test_close as close_enough
 
 from fastai_l5.all import *

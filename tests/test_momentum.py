@@ -12,7 +12,6 @@ import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle onto Learn
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_learner
 from fastai.optimizer import SGD, Adam, OptimWrapper, RMSProp
-from fastai.tabular.learner import tabular_learner
 from fastai.torch_core import params, set_seed
 from matplotlib.figure import Figure
 
