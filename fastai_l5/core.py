@@ -59,7 +59,7 @@ class LogTable:
     pipeline flushes every `flush_every` logged steps and at the end of each training phase.
 
     `sink`: None, or a callable taking each flushed host block, a dict column -> numpy array (how the
-    rows reach TensorBoard or W&B: see `StepCallback._logger_sink`)."""
+    rows reach TensorBoard or W&B: see `StepCallback.attach_loggers`)."""
     sink = None
 
     def __init__(self, columns, path=None, keep=True):
@@ -127,7 +127,10 @@ def _is_seq(v):
 
 
 def _to_host(v, n):
-    if isinstance(v, torch.Tensor): v = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+    if isinstance(v, torch.Tensor):
+        # floats as float32 (half/bfloat16 widened), float64 kept
+        if v.is_floating_point() and v.dtype != torch.float64: v = v.float()
+        v = v.detach().cpu().numpy()
     if not _is_seq(v): return np.full(n, v, dtype=object if isinstance(v, str) else None)
     return np.asarray(v)
 
@@ -162,8 +165,8 @@ class StepCallback(Callback):
       `learn.metrics` in `before_fit` (so they reach `CSVLogger`, W&B and TensorBoard too) and removed in
       `after_fit`; not under `validate`/`get_preds` (logger `noop`), so those return what they always return.
       `self.epoch_mean(column)` is the mean of a logged column over this epoch's rows (NaN left out).
-    - **Loggers.** `before_fit` sets `table.sink` from `_logger_sink()`, the one place a TensorBoard/W&B
-      fan-out plugs in (None: no sink).
+    - **Loggers.** `before_fit` calls `attach_loggers()`, the one place the tables are wired to a
+      TensorBoard/W&B logger of the same fit (each table's `sink`; none when no such logger is attached).
 
     A subclass that defines `before_fit`, `before_epoch`, `after_train`, `after_fit` or `after_backward` calls
     `super()` there."""
@@ -243,15 +246,15 @@ class StepCallback(Callback):
         self.flush_log()
         return self.table.df
 
-    def _logger_sink(self):
-        "The callable `table.sink` gets for this fit (rows to TensorBoard/W&B), or None."
-        return None
+    def attach_loggers(self):
+        "Wire this callback's tables to the fit's `TensorBoardCallback`/`WandbCallback`, if any (`fastai_l5.loggers`)."
+        from .loggers import attach_sinks  # here, not at the top: loggers imports this module
+        attach_sinks(self)
 
     # ---- events
     def before_fit(self):
         self.logs_here = is_rank0()
-        from .loggers import attach_sinks  # here, not at the top: loggers imports this module
-        attach_sinks(self)  # the one place our tables are wired to TensorBoard / W&B
+        self.attach_loggers()
         self._epoch_value_metrics = L()
         if self.learn.logger is noop or not self.epoch_columns: return
         self._epoch_value_metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())

@@ -3,7 +3,7 @@
 fastai 2.8's `DistributedDL._broadcast` moves the batch-order indices to CUDA before broadcasting them
 from rank 0, because NCCL only takes CUDA tensors. gloo (the backend Accelerate picks for CPU processes)
 takes host tensors, and on a machine without CUDA that `.cuda()` raises. Importing this module (which
-`from fastai_l5.all import *` does) patches `DistributedDL._broadcast` to broadcast a host tensor when the
+`from fastai_l5.all import *` does; these two patches are its only side effects) patches `DistributedDL._broadcast` to broadcast a host tensor when the
 process group is gloo or MPI, and to run fastai's own code, unchanged, otherwise. It also makes
 `sync_bn=True` (fastai's default) fail at once with a clear message on CPU, where `SyncBatchNorm` cannot
 run, instead of at the first training batch.

@@ -1,5 +1,8 @@
 """Dropout as a schedule: set every dropout module's p each training batch from the fraction of
-training done, log what was applied, and give the model its own p back when the fit ends."""
+training done, log what was applied, and give the model its own p back when the fit ends.
+
+Importing this module wraps `Learner.fit` once (the only side effect; see the end of the file): a fit that
+raises runs no callback event, so the wrapper gives the modules their own p back on the way out."""
 from __future__ import annotations
 
 import functools

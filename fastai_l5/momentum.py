@@ -14,11 +14,11 @@ An optimizer that keeps no first moment (SGD or RMSProp with `mom=0`) logs NaN i
 `cos_mom_grad` and `sign_flip`: there is no momentum to compare with. One without a second moment logs
 NaN in `sqr_avg_rms`. NaN or inf gradients give NaN or inf in the columns they reach (`sign_flip` is NaN there).
 
-How it is computed, per logged step, in six multi-tensor calls and no per-tensor Python: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖
-per tensor in one `_foreach_norm`; the products g·m in one `_foreach_mul`; then Σ|g·m|, Σ_{g·m<0}|g·m| and Σv
-in one 1-norm call (v ≥ 0) and #{g·m < 0} in one 0-norm call (it counts non-zeros) of the products clamped
-at 0. ⟨g, m⟩ = Σ|g·m| − 2·Σ_{g·m<0}|g·m|, as exact as summing g·m directly (both err by about
-ε·Σ|g·m| ≤ ε·‖g‖‖m‖). ‖Δp‖ needs the parameters from before the step, copied in `before_step`, except with
+How it is computed, per logged step, in one model-sized workspace and no allocation: −Δp in place in the copy
+of p; ‖g‖, ‖Δp‖, ‖p‖, ‖m‖ per tensor in one `_foreach_norm`; then the workspace takes g·m (copy, multiply in
+place) for Σg·m, and sign(min(g·m, 0)) ∈ {−1, 0} (clamp and sign in place) for −#{g·m < 0}; Σ by a loop of
+sums, as Σv. (On the CPU, measured on the flights model: allocating kernels, `_foreach_norm(ord=1)` and a
+0-norm count are each slower than these in-place kernels and sums.) ‖Δp‖ needs the parameters from before the step, copied in `before_step`, except with
 this package's `ForeachSGD` (no Nesterov, no weight decay): its step is exactly Δp = −lr·m/(1−βᵗ if
 `debias`), so ‖Δp‖ = lr·‖m‖/… comes from the state and no copy of the model is made. (In float32 the two
 differ by the rounding of p, which the copy sees and the state does not: at most half an ulp of each pᵢ.)
@@ -54,9 +54,10 @@ def _first(state, names):
     return None
 
 
-def _norms(tensors, ord):
-    "The `ord`-norm of each tensor, in one multi-tensor call (none for no tensor)."
-    return torch._foreach_norm(tensors, ord) if tensors else ()
+def _sums(tensors):
+    """Σ of each tensor. A loop: torch has no multi-tensor sum, and `_foreach_norm(ord=1)` (Σ|x|) is about 2-3×
+    slower than this loop on the CPU (measured on the flights model's 16 tensors)."""
+    return [t.sum() for t in tensors]
 
 
 def _module_names(model):
@@ -93,21 +94,20 @@ class _ParamLayout:
         self.numel_v = torch.zeros(n_layers, device=dev).index_add_(0, idx_v, numel[self.v_idx])
         self.nan_if_no_m = torch.where(self.numel_m > 0, 1., math.nan)
         # a step's values, in the order `MomentumLogger._measure` lists them: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖ (squared at
-        # flush time), Σ|g·m|, Σ_{g·m<0}|g·m|, Σv, #{g·m<0}
-        rows = [idx, idx, idx, idx_m, idx_m, idx_m, idx_v, idx_m]
-        self.flat_idx = torch.cat([r + i * n_layers for i, r in enumerate(rows)])
+        # flush time), Σg·m, −#{g·m<0}, Σv; each goes to its row of the (7, n_layers) table of sums
+        order = [idx, idx, idx, idx_m, idx_m, idx_m, idx_v]
+        self.flat_idx = torch.cat([i + row * n_layers for row, i in enumerate(order)])
         self.n_squared = 3 * len(ps) + len(self.m_idx)
 
 
 def _derive(sums, numel_m, numel_v, nan_if_no_m):
-    """The `_STATS` rows from per-layer sums (Σg², Σ(Δp)², Σp², Σm², Σ|g·m|, Σ_{g·m<0}|g·m|, Σv, #{g·m<0}), one
-    column per (step, layer), with the matching counts of entries that have a first and a second moment."""
-    g_sq, dp_sq, p_sq, m_sq, abs_gm, neg_gm, v_sum, n_neg = sums
+    """The `_STATS` rows from per-layer sums (Σg², Σ(Δp)², Σp², Σm², Σg·m, −#{g·m<0}, Σv), one column per
+    (step, layer), with the matching counts of entries that have a first and a second moment."""
+    g_sq, dp_sq, p_sq, m_sq, dot, minus_n_neg, v_sum = sums
     grad_norm, update_norm, param_norm = g_sq.sqrt(), dp_sq.sqrt(), p_sq.sqrt()
     mom_norm = m_sq.sqrt() * nan_if_no_m
-    dot = abs_gm - 2 * neg_gm
     # a NaN or inf product would not count as a flip: such layers get NaN (0·inf = NaN) instead
-    sign_flip = n_neg / numel_m + dot * 0
+    sign_flip = minus_n_neg / -numel_m + dot * 0
     return torch.stack([grad_norm, mom_norm, dot / (grad_norm * mom_norm), sign_flip, update_norm, param_norm,
                         update_norm / param_norm, (v_sum / numel_v).sqrt()])
 
@@ -118,7 +118,7 @@ class MomentumLogger(StepCallback):
 
     Reads fastai's optimizers and this package's (`grad_avg`, `sqr_avg`, hyper `mom`) and
     `OptimWrapper(torch.optim.SGD/Adam/AdamW/RMSprop)` (`momentum_buffer`, `exp_avg`, `exp_avg_sq`,
-    `square_avg`). All reductions are multi-tensor kernels kept on the parameters' device (see the module
+    `square_avg`). All reductions stay on the parameters' device (see the module
     docstring); rows reach the host in blocks (`StepCallback`'s pipeline). The history survives
     `validate`/`get_preds` and further fits (steps keep counting), and is left out of `learn.export()`. Under
     DDP only rank 0 logs (the gradients are the ranks' average by then), naming layers as the unwrapped model
@@ -126,11 +126,11 @@ class MomentumLogger(StepCallback):
     `cos_mom_grad` and `sign_flip` (as `mom_cos`, `mom_flip`). With `path`, rows are also appended to that CSV
     file as training goes (`keep=False`: only there, and `.df` reads it back).
 
-    Cost per logged step: a copy of the parameters (none with `ForeachSGD`, see the module docstring) and six
-    multi-tensor calls; on the other steps, a step count. `every=k` logs steps k, 2k, …"""
+    Cost per logged step: a copy of the parameters (none with `ForeachSGD`, see the module docstring), six
+    in-place multi-tensor kernels and three sums per tensor; on the other steps, a step count."""
     log_columns = _COLUMNS
     epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
-    _stateattrs = StepCallback._stateattrs + ('_snap', '_layout')
+    _stateattrs = StepCallback._stateattrs + ('_work', '_work_key', '_snap_ps', '_copied', '_snapped', '_layout')
 
     def __init__(self, every=1, path=None, keep=True):
         if not isinstance(every, int) or every < 1:
@@ -141,25 +141,29 @@ class MomentumLogger(StepCallback):
 
     def _init_state(self):
         super()._init_state()
-        self._put(_snap=None, _snap_key=None, _snap_ps=None, _layout=None, _snapped=False)
+        self._put(_work=None, _work_key=None, _snap_ps=None, _copied=False, _layout=None, _snapped=False)
 
-    # ---- events
-    @torch.no_grad()
+    # ---- events (a step that is not logged costs a modulo and a count: `no_grad` is entered only to log)
     def before_step(self):
+        if (self.n_step + 1) % self.every == 0 and self.logs_here: self._keep_p()
+
+    def after_step(self):
+        if self.count_step() and self._snapped: self._log_step()
+
+    @torch.no_grad()
+    def _keep_p(self):
         "On a logged step: copy p before the step (after `MixedPrecision` unscaled and `GradientClip` clipped g)."
-        if (self.n_step + 1) % self.every or not self.logs_here: return
         opt = self.learn.opt
         ps = [p for pg in opt.param_lists for p in pg if p.grad is not None]
         if not ps: return
-        snap, key = None, tuple(map(id, ps))
-        if not _update_from_state(opt):
-            snap = self._snap if key == self._snap_key else [torch.empty_like(p, requires_grad=False) for p in ps]
-            torch._foreach_copy_(snap, ps)
-        self._put(_snap=snap, _snap_key=key if snap is not None else None, _snap_ps=ps, _snapped=True)
+        key = tuple(map(id, ps))
+        work = self._work if key == self._work_key else [torch.empty_like(p, requires_grad=False) for p in ps]
+        copied = not _update_from_state(opt)
+        if copied: torch._foreach_copy_(work, ps)
+        self._put(_work=work, _work_key=key, _snap_ps=ps, _copied=copied, _snapped=True)
 
     @torch.no_grad()
-    def after_step(self):
-        if not (self.count_step() and self._snapped): return
+    def _log_step(self):
         self._put(_snapped=False)
         opt, ps = self.learn.opt, self._snap_ps
         wrapped = isinstance(opt, OptimWrapper)
@@ -176,7 +180,7 @@ class MomentumLogger(StepCallback):
     def after_fit(self):
         super().after_fit()
         # the copy of p is as big as the model: free it between fits
-        self._put(_snap=None, _snap_key=None, _snap_ps=None, _layout=None, _snapped=False)
+        self._put(_work=None, _work_key=None, _snap_ps=None, _copied=False, _layout=None, _snapped=False)
 
     # ---- the math
     def _layout_for(self, ps, ms, vs):
@@ -187,22 +191,27 @@ class MomentumLogger(StepCallback):
         return self._layout
 
     def _measure(self, layout, ps, ms, vs, states):
-        """The step's per-tensor values, in `_ParamLayout`'s order: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, Σ|g·m|,
-        Σ_{g·m<0}|g·m|, Σv, #{g·m<0}, as 0-dim tensors on the parameters' device (no host sync)."""
-        gs = [p.grad for p in ps]
-        snap = self._snap
-        if snap is None:  # ForeachSGD: Δp = −c·m exactly (see `_update_from_state`)
-            norms = torch._foreach_norm(gs + ps + ms)
-            n = len(ps)
-            dps = torch._foreach_mul(norms[2 * n:], self._update_scales(ps, states))
+        """The step's per-tensor values, in `_ParamLayout`'s order: ‖g‖, ‖Δp‖, ‖p‖, ‖m‖, Σg·m, Σv, −#{g·m<0}, as
+        one tensor on the parameters' device (no host sync)."""
+        gs, work = [p.grad for p in ps], self._work
+        n, from_state = len(ps), not self._copied
+        if from_state:  # ForeachSGD: Δp = −c·m exactly (see `_update_from_state`)
+            norms = torch._foreach_norm([*gs, *ps, *ms])
+            dps = torch._foreach_mul(norms[2 * n:3 * n], self._update_scales(ps, states))
             norms = [*norms[:n], *dps, *norms[n:]]
         else:
-            torch._foreach_sub_(snap, ps)  # p_before − p_after = −Δp
-            norms = torch._foreach_norm(gs + snap + ps + ms)
-        if not ms: return [*norms, *_norms(vs, 1)]
-        gm = torch._foreach_mul(gs if layout.every_m else [gs[i] for i in layout.m_idx], ms)
-        neg = torch._foreach_clamp_max(gm, 0.)
-        return [*norms, *_norms([*gm, *neg, *vs], 1), *_norms(neg, 0)]
+            torch._foreach_sub_(work, ps)  # the copy of p before the step, minus p after it: −Δp
+            norms = torch._foreach_norm([*gs, *work, *ps, *ms])
+        values = [*norms]
+        if ms:  # the workspace is free again: it takes g·m, then sign(min(g·m, 0)), in place
+            if not layout.every_m: work, gs = [work[i] for i in layout.m_idx], [gs[i] for i in layout.m_idx]
+            torch._foreach_copy_(work, gs)
+            torch._foreach_mul_(work, ms)
+            values += _sums(work)
+            torch._foreach_clamp_max_(work, 0.)
+            torch._foreach_sign_(work)  # −1 where g·m < 0, else 0 (NaN stays NaN)
+            values += _sums(work)
+        return torch.stack([*values, *_sums(vs)])
 
     def _update_scales(self, ps, states):
         "Per parameter, the c of Δp = −c·m for `ForeachSGD`'s step that just ran: lr, over 1 − βᵗ with `debias`."
@@ -219,11 +228,12 @@ class MomentumLogger(StepCallback):
         for layout, group in groupby(entries, key=lambda e: e[2]):
             values = [e[-1] for e in group]
             k = len(values)
-            per_tensor = torch.stack([v for vals in values for v in vals]).float().view(k, -1)
+            per_tensor = torch.stack(values)
+            if per_tensor.dtype != torch.float64: per_tensor = per_tensor.float()  # half models sum in float32
             per_tensor[:, :layout.n_squared].square_()
             n = len(layout.layers)
-            sums = per_tensor.new_zeros(k, 8 * n).index_add_(1, layout.flat_idx, per_tensor)
-            sums = sums.view(k, 8, n).transpose(0, 1).reshape(8, k * n)
+            sums = per_tensor.new_zeros(k, 7 * n).index_add_(1, layout.flat_idx, per_tensor)
+            sums = sums.view(k, 7, n).transpose(0, 1).reshape(7, k * n)
             blocks.append(_derive(sums, layout.numel_m.repeat(k), layout.numel_v.repeat(k), layout.nan_if_no_m.repeat(k)))
         return torch.cat(blocks, 1)
 

@@ -1,10 +1,13 @@
-"Shared fixtures: the notebooks in nbs/ are executed once per test session, for both the notebook tests and the docs site."
+"""Shared fixtures: the example loaders each test module trains on, and the notebooks in nbs/, executed once per
+test session for both the notebook tests and the docs site."""
 import os
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from fastai_l5.data import example_dls
 
 NBS = Path(__file__).resolve().parent.parent / 'nbs'
 
@@ -20,6 +23,14 @@ def execute_notebook(path, timeout=900):
                             record_timing=False)   # no timing in cell metadata: jupyter-cache hashes it
     client.execute(env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')})
     return nb
+
+
+@pytest.fixture(scope='module')
+def dls(request):
+    """Diamonds loaders sized by the test module's `DLS = dict(n_rows=..., bs=...)` (default 3000 rows, bs 256:
+    9 training batches), built once per module."""
+    size = {'n_rows': 3000, 'bs': 256, **getattr(request.module, 'DLS', {})}
+    return example_dls('diamonds', **size)
 
 
 @pytest.fixture(scope='session')

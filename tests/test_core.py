@@ -8,12 +8,10 @@ from fastai.callback.core import Callback
 from matplotlib.figure import Figure
 
 from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
-from fastai_l5.data import example_dls
 from helpers import SkipEvery
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', bs=128, n_rows=1000)
+DLS = dict(n_rows=1000, bs=128)
 
 
 def test_logtable_blocks_scalars_and_tensors():
@@ -130,7 +128,7 @@ class LossRecorder(Callback):
 def test_pipeline_stages_flushes_and_feeds_the_sink(dls, tmp_path):
     path = tmp_path / 'loss.csv'
     log, rec, blocks = LossLog(path=path), LossRecorder(), []
-    log._logger_sink = lambda: blocks.append  # what a TensorBoard/W&B fan-out plugs into
+    log.attach_loggers = lambda: setattr(log.table, 'sink', blocks.append)  # what a TensorBoard/W&B fan-out plugs into
     learn = tabular_learner(dls, layers=[8], cbs=[log, rec])
     n = len(dls.train)
     learn.fit(2, 1e-3)
@@ -162,3 +160,22 @@ def test_pipeline_unpickles_a_fresh_log_and_logs_on_rank0_only(dls, tmp_path, mo
     other = LossLog()
     tabular_learner(dls, layers=[8], cbs=[other]).fit(1, 1e-3)
     assert other.n_step == len(dls.train) and len(other.df) == 0
+
+
+def test_import_shows_figures_in_jupyter_without_overriding_a_chosen_format():
+    "Importing fastai_l5 in a kernel registers PNG for `Figure`s only where no image format handles them yet."
+    import fastai_l5
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.core.pylabtools import select_figure_formats
+    ip = InteractiveShell.instance()
+    fmt = ip.display_formatter.formatters
+    try:
+        ip.kernel = object()  # what makes it a Jupyter kernel to us
+        fastai_l5._show_figures_inline()
+        assert fmt['image/png'].lookup_by_type(Figure) is not None
+        select_figure_formats(ip, {'svg'})  # the user's own choice...
+        fastai_l5._show_figures_inline()
+        with pytest.raises(KeyError): fmt['image/png'].lookup_by_type(Figure)  # ...is kept
+    finally:
+        del ip.kernel
+        InteractiveShell.clear_instance()

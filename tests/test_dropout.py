@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -6,24 +7,22 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.learner import Learner, load_learner
-from fastai.tabular.all import tabular_config, tabular_learner
 from fastcore.test import test_close as close_enough
 from matplotlib.figure import Figure
 from torch import nn
 
 from fastai_l5.all import *
+import helpers
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=1500, bs=256)  # 4 training batches an epoch
+DLS = dict(n_rows=1500, bs=256)  # 4 training batches an epoch
 
 
 ORIGINAL = {'emb_drop': 0.05, 'layers.0.3': 0.1, 'layers.1.3': 0.2}
 
 
-def make_learn(dls, cbs=None):
-    "Three dropout layers: emb_drop (0.05), layers.0.3 (0.1), layers.1.3 (0.2)."
-    return tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=[0.1, 0.2], embed_p=0.05), cbs=cbs)
+# three dropout layers: emb_drop (0.05), layers.0.3 (0.1), layers.1.3 (0.2)
+make_learn = partial(helpers.make_learn, ps=(0.1, 0.2), embed_p=0.05)
 
 
 def current_ps(learn): return {n: m.p for n, m in dropout_layers(learn.model).items()}
@@ -137,14 +136,14 @@ def _raises_before_any_batch(learn, exc, match):
 
 def test_bad_inputs_raise_before_the_first_batch(dls):
     names = r"\['emb_drop', 'layers.0.3', 'layers.1.3'\]"
-    _raises_before_any_batch(make_learn(dls, DropoutSchedule({'layers.0.2': 0.1})), KeyError, names)
-    _raises_before_any_batch(make_learn(dls, DropoutSchedule({'layers.0.2': 0.1})), KeyError, r"tabular_config\(ps=")
-    _raises_before_any_batch(make_learn(dls, DropoutSchedule([0.1, 0.2])), ValueError, '2 schedules for 3 dropout layers.*' + names)
+    _raises_before_any_batch(make_learn(dls, cbs=DropoutSchedule({'layers.0.2': 0.1})), KeyError, names)
+    _raises_before_any_batch(make_learn(dls, cbs=DropoutSchedule({'layers.0.2': 0.1})), KeyError, r"tabular_config\(ps=")
+    _raises_before_any_batch(make_learn(dls, cbs=DropoutSchedule([0.1, 0.2])), ValueError, '2 schedules for 3 dropout layers.*' + names)
     # a schedule that only leaves [0, 1) somewhere inside the fit, named by layer and pct
     spike = lambda pct: 1.5 if abs(pct - 0.37) < 1e-9 else 0.1
-    sched = DropoutSchedule.__new__(DropoutSchedule)  # bypass the early check to prove before_fit checks too
-    sched.scheds = {'layers.1.3': spike}; sched._init_state()
-    _raises_before_any_batch(make_learn(dls, sched), ValueError, r"layer 'layers.1.3' gives p=1.5 at pct=0.37")
+    sched = DropoutSchedule(0.1)
+    sched.scheds = {'layers.1.3': spike}  # past the constructor's check: before_fit checks at this fit's pcts too
+    _raises_before_any_batch(make_learn(dls, cbs=sched), ValueError, r"layer 'layers.1.3' gives p=1.5 at pct=0.37")
     # a model with no dropout module at all
     plain = Learner(dls, nn.Sequential(nn.Linear(1, 1)), loss_func=nn.MSELoss(), cbs=DropoutSchedule(0.1))
     with pytest.raises(ValueError, match=r"no dropout module.*tabular_config\(ps="): plain.fit(1)

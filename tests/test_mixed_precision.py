@@ -7,24 +7,19 @@ import pytest
 import torch
 from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.fp16 import MixedPrecision
-from fastai.tabular.all import tabular_config, tabular_learner
-from fastai.torch_core import set_seed
 from fastcore.test import test_close as close_enough
 
 from fastai_l5.all import *
+import helpers
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's MixedPrecision (to_fp16, to_bf16) "
                                 "autocasts on CUDA only; no GPU on this machine")
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
+DLS = dict(n_rows=3000, bs=256)
 
 
-def make_learn(dls, cbs=(), opt_func=None, seed=0):
-    set_seed(seed)
-    return tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=[0.1, 0.1]),
-                           opt_func=opt_func or sgd_momentum(0.9), cbs=list(cbs))
+def make_learn(dls, cbs=()): return helpers.make_learn(dls, sgd_momentum(0.9), cbs, ps=(0.1, 0.1))
 
 
 def l5_callbacks(): return [MomentumLogger(), DropoutSchedule(early_dropout(0.2)), BNDrift()]
@@ -80,7 +75,7 @@ def check_grad_norms(mom_df, rows, eps):
 
 def test_bf16_autocast_with_every_callback(dls):
     auto, norms = CPUAutocast(), GradNorms()
-    learn = make_learn(dls, [auto, norms] + l5_callbacks())
+    learn = make_learn(dls, cbs=[auto, norms] + l5_callbacks())
     learn.fit_one_cycle(1, 1e-2)
     assert auto.pred_dtypes == {torch.bfloat16}  # the forward really ran in bf16
     n = len(dls.train)
@@ -95,9 +90,9 @@ def test_bf16_autocast_with_every_callback(dls):
 
 def test_scaled_gradients_are_logged_unscaled(dls):
     "A loss scale of 2^10 (exact in floating point) changes nothing in the logs: they read the unscaled gradient."
-    plain = make_learn(dls, [MomentumLogger()])
+    plain = make_learn(dls, cbs=[MomentumLogger()])
     plain.fit(1, 1e-2)
-    scaled = make_learn(dls, [ScaleAndSkip(2.**10), MomentumLogger()])
+    scaled = make_learn(dls, cbs=[ScaleAndSkip(2.**10), MomentumLogger()])
     scaled.fit(1, 1e-2)
     a, b = plain.momentum_logger.df, scaled.momentum_logger.df
     assert len(a) == len(b) > 0
@@ -108,7 +103,7 @@ def test_scaled_gradients_are_logged_unscaled(dls):
 def test_skipped_steps_are_not_logged(dls):
     skip = (2, 3, 7)
     scaler, norms = ScaleAndSkip(2.**8, skip=skip), GradNorms()
-    learn = make_learn(dls, [scaler, norms] + l5_callbacks())
+    learn = make_learn(dls, cbs=[scaler, norms] + l5_callbacks())
     learn.fit(1, 1e-2)
     n = len(dls.train)
     real = [b for b in range(1, n + 1) if b not in skip]
@@ -125,7 +120,7 @@ def test_skipped_steps_are_not_logged(dls):
 def test_fp16_with_every_callback_on_gpu(dls):
     "fastai's own MixedPrecision, fp16, a huge initial loss scale so the first steps overflow and are skipped."
     norms, dls = GradNorms(), example_dls('diamonds', n_rows=3000, bs=64)
-    learn = make_learn(dls, [norms] + l5_callbacks()).to_fp16(init_scale=2.**24)
+    learn = make_learn(dls, cbs=[norms] + l5_callbacks()).to_fp16(init_scale=2.**24)
     learn.fit(1, 1e-2)
     n, mom = len(dls.train), learn.momentum_logger.df
     assert 0 < len(norms.rows) < n  # the first steps overflowed and were skipped, later ones ran
@@ -136,7 +131,7 @@ def test_fp16_with_every_callback_on_gpu(dls):
 
 @needs_cuda
 def test_bf16_fastai_on_gpu(dls):
-    learn = make_learn(dls, l5_callbacks()).to_bf16()
+    learn = make_learn(dls, cbs=l5_callbacks()).to_bf16()
     learn.fit(1, 1e-2)
     assert learn.momentum_logger.n_step == len(dls.train)
     assert learn.momentum_logger.df.grad_norm.notna().all()

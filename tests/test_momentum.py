@@ -12,12 +12,11 @@ import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle onto Learn
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import load_learner
 from fastai.optimizer import SGD, Adam, OptimWrapper, RMSProp
-from fastai.tabular.learner import tabular_learner
 from fastai.torch_core import params, set_seed
 from matplotlib.figure import Figure
 
 from fastai_l5.all import *
-from helpers import SkipEvery
+from helpers import SkipEvery, make_learn
 
 warnings.filterwarnings('ignore', category=UserWarning)
 
@@ -25,14 +24,7 @@ STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm', 'p
          'beta', 'sqr_avg_rms']
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
-
-
-def make_learn(dls, opt_func=Adam, cbs=(), **kw):
-    set_seed(0)
-    learn = tabular_learner(dls, layers=[16, 8], opt_func=opt_func, cbs=list(cbs), **kw)
-    return learn
+DLS = dict(n_rows=3000, bs=256)
 
 
 def torch_opt(cls, **kw): return partial(OptimWrapper, opt=partial(cls, **kw))
@@ -315,3 +307,42 @@ def test_plot(dls):
     assert len(fig.axes[0].lines) == 1
     with pytest.raises(ValueError, match='unknown stats'): learn.momentum_logger.plot(stats=['nope'])
     with pytest.raises(ValueError, match='unknown layers'): learn.momentum_logger.plot(layers=['nope'])
+
+
+def float64_learner(opt_func, cbs):
+    "A float64 regression model on random data: rounding is then ~1e-16, so exact formulas agree to ~1e-12."
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.losses import MSELossFlat
+    set_seed(0)
+    x = torch.randn(512, 6, dtype=torch.float64)
+    y = x @ torch.randn(6, 1, dtype=torch.float64) + 0.1 * torch.randn(512, 1, dtype=torch.float64)
+    dls = DataLoaders.from_dsets(list(zip(x[:448], y[:448])), list(zip(x[448:], y[448:])), bs=64, drop_last=True)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).double()
+    return Learner(dls, model, loss_func=MSELossFlat(), opt_func=opt_func, cbs=list(cbs))
+
+
+@pytest.mark.parametrize('opt_func', [sgd_momentum(0.9), sgd_momentum(0.8, debias=True),
+                                      sgd_momentum(0.9, dampening=False), sgd_momentum(0.9, fused=False)],
+                         ids=['ewma', 'debias', 'heavy_ball', 'foreach'])
+def test_update_norm_from_sgd_state_is_exact(opt_func):
+    """With ForeachSGD the logger reads ‖Δp‖ off the momentum (Δp = −lr·m/(1−βᵗ)) instead of copying p: in
+    float64 it equals the change measured from copies of p before and after each step, to 1e-12."""
+    rec = RecordSteps(('grad_avg',), ())
+    learn = float64_learner(opt_func, [MomentumLogger(), rec])
+    learn.fit_one_cycle(2, 1e-2)
+    got, exp = learn.momentum_logger.df, expected_df(rec)
+    assert len(got) == len(exp) == 2 * 7 * 2 and got.step.tolist() == exp.step.tolist()
+    for c in ('update_norm', 'update_ratio', 'grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip'):
+        np.testing.assert_allclose(got[c], exp[c], rtol=1e-12, atol=0, err_msg=c)
+
+
+@pytest.mark.parametrize('opt_func', [sgd_momentum(0.9, wd=0.1), sgd_momentum(0.9, dampening=False, nesterov=True), adam()],
+                         ids=['decay', 'nesterov', 'adam'])
+def test_update_norm_measured_where_state_does_not_give_it(opt_func):
+    "Weight decay, Nesterov and Adam's steps are not −c·m: the logger measures Δp from a copy of p, exactly."
+    rec = RecordSteps(('grad_avg',), ('sqr_avg',))
+    learn = float64_learner(opt_func, [MomentumLogger(), rec])
+    learn.fit_one_cycle(1, 1e-2)
+    got, exp = learn.momentum_logger.df, expected_df(rec)
+    np.testing.assert_allclose(got.update_norm, exp.update_norm, rtol=1e-12, atol=0)

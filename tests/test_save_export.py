@@ -12,20 +12,20 @@ from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 
 from fastai_l5.all import *
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT_FUNCS = {'sgd_momentum': sgd_momentum(0.9), 'heavy_ball': sgd_momentum(0.9, dampening=False, nesterov=True),
              'rmsprop': rmsprop(mom=0.5, centered=True), 'adam': adam(wd=0.1)}
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=2000, bs=256)
+DLS = dict(n_rows=2000, bs=256)
 
 
 def make_learn(dls, opt_func, seed=0):
-    set_seed(seed)
+    "A learner with all three callbacks."
     cbs = [MomentumLogger(), DropoutSchedule({'layers.0.3': late_dropout(0.3)}), BNDrift()]
-    return tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=[0.1, 0.1]), opt_func=opt_func, cbs=cbs)
+    return helpers.make_learn(dls, opt_func, cbs, ps=(0.1, 0.1), seed=seed)
 
 
 def fit_seeded(learn, seed):
