@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import LogTable, unwrap_model
+from .loggers import attach_sinks
 
 __all__ = ['bn_layers', 'precise_bn', 'PreciseBNCallback', 'MAX_PRECISE_BATCHES']
 
@@ -383,7 +384,9 @@ class PreciseBNCallback(Callback):
         "One row per (updated epoch, BN layer): `epoch`, `layer`, `mean_gap`, `var_gap` before the update."
         return self._log.df
 
-    def before_fit(self): self._trained = False
+    def before_fit(self):
+        self._trained = False
+        attach_sinks(self)   # the gaps also go to a TensorBoard/W&B logger of the same fit
 
     def after_batch(self):
         if self.training: self._trained = True
@@ -402,3 +405,4 @@ class PreciseBNCallback(Callback):
         gaps = _apply_population_stats(self.learn, bns, dl, n, self.dropout)
         self._log.append(epoch=self.epoch, layer=gaps['layer'].to_numpy(), mean_gap=gaps['mean_gap'].to_numpy(),
                          var_gap=gaps['var_gap'].to_numpy())
+        self._log.flush()   # to the host (and a logger's sink) while the fit runs

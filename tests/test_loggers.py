@@ -133,3 +133,22 @@ def test_without_a_logger_nothing_is_imported_or_attached():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == '[] []'
+
+
+def test_precise_bn_callback_gaps_reach_tensorboard(dls, tmp_path):
+    from fastai.callback.tensorboard import TensorBoardCallback
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from fastai_l5.all import PreciseBNCallback
+    set_seed(0)
+    learn = tabular_learner(dls, layers=[8, 4], cbs=[PreciseBNCallback(n_batches=2),
+                                                     TensorBoardCallback(log_dir=str(tmp_path), trace_model=False, log_preds=False)])
+    with learn.no_bar(): learn.fit(2, 1e-2)
+    acc = EventAccumulator(str(tmp_path), size_guidance={'scalars': 0})
+    acc.Reload()
+    df = learn.precise_bn_cb.df
+    assert len(df) == 2 * df.layer.nunique()
+    for layer, g in df.groupby('layer'):
+        for stat in ('mean_gap', 'var_gap'):
+            events = acc.Scalars(f'bn_precise/{stat}/{layer}')
+            assert [e.step for e in events] == g.epoch.tolist()
+            np.testing.assert_allclose([e.value for e in events], g[stat].to_numpy(), rtol=1e-6)
