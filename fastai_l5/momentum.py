@@ -123,13 +123,13 @@ class MomentumLogger(StepCallback):
     `validate`/`get_preds` and further fits (steps keep counting), and is left out of `learn.export()`. Under
     DDP only rank 0 logs (the gradients are the ranks' average by then), naming layers as the unwrapped model
     does. `learn.epoch` is fastai's epoch within the fit. The progress table gains the epoch means of
-    `cos_mom_grad` and `sign_flip` (as `mom_cos`, `mom_flip`). With `path`, rows are also appended to that CSV
+    `cos_mom_grad` and `sign_flip`, under those names. With `path`, rows are also appended to that CSV
     file as training goes (`keep=False`: only there, and `.df` reads it back).
 
     Cost per logged step: a copy of the parameters (none with `ForeachSGD`, see the module docstring), six
     in-place multi-tensor kernels and three sums per tensor; on the other steps, a step count."""
     log_columns = _COLUMNS
-    epoch_columns = {'mom_cos': '_epoch_cos', 'mom_flip': '_epoch_flip'}
+    epoch_columns = {'cos_mom_grad': '_epoch_cos', 'sign_flip': '_epoch_flip'}  # one name per quantity
     _stateattrs = StepCallback._stateattrs + ('_work', '_work_key', '_snap_ps', '_copied', '_snapped', '_layout')
 
     def __init__(self, every=1, path=None, keep=True):

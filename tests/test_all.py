@@ -8,7 +8,7 @@ import fastai_l5.all
 
 API_NAMES = {'sgd_momentum', 'rmsprop', 'adam', 'opt_state', 'ewma_weights', 'effective_window', 'debias_factor',
              'MomentumLogger', 'DropoutSchedule', 'early_dropout', 'late_dropout', 'curriculum_dropout', 'fastai_ps',
-             'BNDrift', 'precise_bn', 'bn_shift', 'example_dls', 'example_df'}
+             'BNDrift', 'precise_bn', 'bn_shift', 'PreciseBNCallback', 'example_dls', 'example_df', 'diagnose'}
 
 
 def star_names(module):

@@ -64,7 +64,7 @@ def test_demo_writes_a_report_with_every_section(tmp_path):
     assert 'report:' in res.stdout and 'momentum_logger:' in res.stdout
     epochs = pd.read_csv(tmp_path / 'rep' / 'epochs.csv')
     assert len(epochs) == 2 and epochs['valid_loss'].notna().all()
-    assert {'rmse', 'mom_cos', 'mom_flip', 'dropout_p', 'valid_loss_precise'} <= set(epochs.columns)
+    assert {'rmse', 'cos_mom_grad', 'sign_flip', 'dropout_p', 'valid_loss_precise'} <= set(epochs.columns)
     # the summary's value is the last epoch's metric, on the original scale (log price here)
     assert summary['value'] == pytest.approx(epochs['rmse'].iloc[-1], rel=1e-4)
     assert summary['value'] < summary['baseline'] and summary['target_transform'] == 'standardize'

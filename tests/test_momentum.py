@@ -185,11 +185,11 @@ def test_history_survives_validate_get_preds_and_counts_across_fits(dls):
     assert len(logger.table) == len(df)
     # the progress table's columns are the epoch means of the logged rows (epochs of the last fit)
     names = learn.recorder.metric_names[1:-1]
-    assert 'mom_cos' in names and 'mom_flip' in names
+    assert 'cos_mom_grad' in names and 'sign_flip' in names
     for epoch, values in enumerate(learn.recorder.values):
         row, rows = dict(zip(names, values)), df[(df.epoch == epoch) & (df.step > n)]
-        assert row['mom_cos'] == pytest.approx(rows.cos_mom_grad.mean(), rel=1e-5)
-        assert row['mom_flip'] == pytest.approx(rows.sign_flip.mean(), rel=1e-5)
+        assert row['cos_mom_grad'] == pytest.approx(rows.cos_mom_grad.mean(), rel=1e-5)
+        assert row['sign_flip'] == pytest.approx(rows.sign_flip.mean(), rel=1e-5)
 
 
 def test_gradient_accumulation_logs_real_steps_only(dls):
