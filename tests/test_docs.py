@@ -118,10 +118,10 @@ def test_api_reference_has_an_entry_per_public_name(site):
         assert any(i.startswith('fastai_l5.') and i.endswith(f'.{name}') and i.count('.') == 2 for i in ids), name
     assert len([i for i in ids if i.count('.') == 2]) == len(public_names())
     assert 'build_site' not in html and '_docs' not in html                 # the builder is a tool, not API
-    sig = re.search(r'id="fastai_l5.batchnorm.precise_bn".*?</dt>', html, flags=re.S).group(0)
+    sig = re.search(r'id="fastai_l5.precise.precise_bn".*?</dt>', html, flags=re.S).group(0)
     assert 'n_batches' in sig
     index = (site[0]/'index.html').read_text(encoding='utf-8')
-    assert 'href="api.html#fastai_l5.batchnorm.precise_bn"' in index       # the guide links into the reference
+    assert 'href="api.html#fastai_l5.precise.precise_bn"' in index       # the guide links into the reference
 
 
 def test_every_page_opens_clean_in_chromium(site, browser):
@@ -139,7 +139,7 @@ def test_search_lists_the_api_entry(site, browser):
     browser.get((site[0]/'search.html').as_uri() + '?q=precise_bn')
     find = "return Array.from(document.querySelectorAll('#search-results li a')).map(a => a.getAttribute('href'))"
     hits = WebDriverWait(browser, 30).until(lambda d: d.execute_script(find))
-    assert any(h.startswith('api.html#fastai_l5.batchnorm.precise_bn') for h in hits), hits
+    assert any(h.startswith('api.html#fastai_l5.precise.precise_bn') for h in hits), hits
 
 
 def test_math_is_drawn_and_the_index_screenshot_saved(site, browser):
