@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import html
 import math
-import random
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .core import unwrap_model
+from .precise import module_modes, preserved_rng
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
            'plot_finding', 'findings_section']
@@ -175,22 +175,14 @@ def _untouched(learn):
     """Leave no trace of a measurement: module modes, dropout p's, parameter gradients, the RNGs (torch, python,
     numpy) and the training loader's own `rng` are put back on exit."""
     model = learn.model
-    modes = [(m, m.training) for m in model.modules()]
     ps = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    dls = [d for d in (learn.dls.train, getattr(learn.dls.train, 'dl', None)) if hasattr(d, 'rng')]
-    rng_states = [d.rng.getstate() for d in dls]
-    py, npy = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices): yield
+        with module_modes(model), preserved_rng(learn.dls.train): yield
     finally:
         for p, g in zip(params, grads): p.grad = g
         for m, p in ps: m.p = p
-        for m, mode in modes: m.training = mode
-        for d, s in zip(dls, rng_states): d.rng.setstate(s)
-        random.setstate(py); np.random.set_state(npy)
 
 
 def _train_batches(learn, n):

@@ -146,7 +146,7 @@ def preserved_rng(*dls):
 
 
 @contextlib.contextmanager
-def _module_modes(model):
+def module_modes(model):
     "Put every module's training flag back on exit."
     modes = [(m, m.training) for m in model.modules()]
     try: yield
@@ -162,7 +162,7 @@ def _bn_pass_mode(model, bns, dropout=True):
     `running_mean`/`running_var` are the caller's to set."""
     momenta = [(bn, bn.momentum) for bn in bns]
     tracked = [(bn, bn.num_batches_tracked.clone()) for bn in bns if bn.num_batches_tracked is not None]
-    with _module_modes(model):
+    with module_modes(model):
         try:
             model.train()
             if not dropout:
@@ -311,7 +311,7 @@ def valid_loss(learn, dl=None):
     model, dl = unwrap_model(learn.model), learn.dls.valid if dl is None else dl
     device = _model_device(learn)
     total = torch.zeros(2, dtype=torch.float64, device=device)   # Σ loss·bs, Σ bs
-    with _module_modes(model):
+    with module_modes(model):
         model.eval()
         for b in dl:
             xb, yb = _split(learn, _on_device(b, device))
