@@ -2,7 +2,6 @@
 import copy
 import os
 import pickle
-import random
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +11,20 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Learner, load_learner
-from fastai.tabular.all import tabular_config, tabular_learner
 from matplotlib.figure import Figure
 from torch import nn
 
 from fastai_l5.all import *
 from fastai_l5.precise import _merge_moments
+from helpers import make_learn
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=1500, bs=128)
+DLS = dict(n_rows=1500, bs=128)
 
 
 def make_learner(dls, seed=0, **cfg):
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
-    learn = tabular_learner(dls, layers=[32, 16], config=tabular_config(**cfg) if cfg else None)
+    "The shared seeded learner (Adam, layers 32-16, `cfg` to its tabular config) without a progress bar."
+    learn = make_learn(dls, layers=(32, 16), seed=seed, **cfg)
     learn.remove_cbs(learn.cbs.filter(lambda cb: type(cb).__name__ == 'ProgressCallback'))
     return learn
 
