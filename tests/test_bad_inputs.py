@@ -16,17 +16,14 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.learner import Learner, load_learner
 from fastai.losses import MSELossFlat
-from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 from torch import nn
 
 from fastai_l5.all import *
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=2000, bs=256)
+DLS = dict(n_rows=2000, bs=256)
 
 
 @pytest.fixture(scope='module')
@@ -35,10 +32,8 @@ def new_df():
     return df
 
 
-def make_learn(dls, cbs=(), ps=(0.1, 0.1), opt_func=None):
-    set_seed(0)
-    return tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=list(ps)),
-                           opt_func=opt_func or sgd_momentum(0.9), cbs=list(cbs))
+def make_learn(dls, cbs=(), opt_func=None):
+    return helpers.make_learn(dls, opt_func or sgd_momentum(0.9), cbs, ps=(0.1, 0.1))
 
 
 @pytest.fixture(scope='module')
