@@ -10,14 +10,13 @@ import fastai.callback.all  # noqa: F401  (fit_one_cycle, no_bar)
 from fastai.learner import Learner, load_learner
 from fastai.losses import MSELossFlat
 from fastai.optimizer import SGD, Adam, OptimWrapper, RMSProp
-from fastai.tabular.learner import tabular_learner
 from fastai.torch_core import params
 from fastcore.xtras import even_mults
 from torch import nn
 
 from fastai_l5.core import param_layer_names
-from fastai_l5.data import example_dls
 from fastai_l5.optim import *
+import helpers
 
 N_STEPS = 200
 
@@ -316,14 +315,10 @@ def test_teaching_helpers():
 # ---------------------------------------------------------------------------------------------------
 # fastai integration on real data
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=3000, bs=256)
+DLS = dict(n_rows=3000, bs=256)
 
 
-def make_learn(dls, opt_func, seed=0, **kw):
-    torch.manual_seed(seed)
-    learn = tabular_learner(dls, layers=[32, 16], opt_func=opt_func, **kw)
-    return learn
+def make_learn(dls, opt_func, seed=0, **kw): return helpers.make_learn(dls, opt_func, layers=(32, 16), seed=seed, **kw)
 
 
 def fit_seeded(learn, n_epoch=1, one_cycle=True, **kw):
