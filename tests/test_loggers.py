@@ -11,12 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastai.tabular.learner import tabular_learner
-from fastai.tabular.model import tabular_config
-from fastai.torch_core import set_seed
-
-from fastai_l5.all import MomentumLogger, DropoutSchedule, BNDrift, example_dls
+from fastai_l5.all import MomentumLogger, DropoutSchedule, BNDrift
 from fastai_l5.loggers import block_rows, fix_wandb_config, log_tables
+from helpers import make_learn
 
 pytest.importorskip('tensorboard')
 pytest.importorskip('wandb')
@@ -26,15 +23,12 @@ MOMENTUM_STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_
                   'beta', 'sqr_avg_rms']
 
 
-@pytest.fixture(scope='module')
-def dls(): return example_dls('diamonds', n_rows=500, bs=64)
+DLS = dict(n_rows=500, bs=64)
 
 
 def _fit(dls, logger, epochs=2):
-    set_seed(0)
-    learn = tabular_learner(dls, layers=[8, 4], config=tabular_config(ps=0.1),
-                            cbs=[MomentumLogger(every=2), DropoutSchedule(0.2), BNDrift(precise_every=1, precise_batches=2),
-                                 logger])
+    learn = make_learn(dls, cbs=[MomentumLogger(every=2), DropoutSchedule(0.2), BNDrift(precise_every=1, precise_batches=2),
+                                 logger], layers=(8, 4), ps=0.1)
     with learn.no_bar(): learn.fit(epochs, 1e-2)
     return learn
 
@@ -139,9 +133,8 @@ def test_precise_bn_callback_gaps_reach_tensorboard(dls, tmp_path):
     from fastai.callback.tensorboard import TensorBoardCallback
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from fastai_l5.all import PreciseBNCallback
-    set_seed(0)
-    learn = tabular_learner(dls, layers=[8, 4], cbs=[PreciseBNCallback(n_batches=2),
-                                                     TensorBoardCallback(log_dir=str(tmp_path), trace_model=False, log_preds=False)])
+    learn = make_learn(dls, cbs=[PreciseBNCallback(n_batches=2),
+                                 TensorBoardCallback(log_dir=str(tmp_path), trace_model=False, log_preds=False)], layers=(8, 4))
     with learn.no_bar(): learn.fit(2, 1e-2)
     acc = EventAccumulator(str(tmp_path), size_guidance={'scalars': 0})
     acc.Reload()
