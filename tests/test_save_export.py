@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 
 from fastai_l5.all import *
@@ -152,8 +151,7 @@ def test_callbacks_stream_logs_to_disk(dls, tmp_path):
     paths = {n: tmp_path / f'{n}.csv' for n in ('mom', 'drop', 'bn')}
     cbs = [MomentumLogger(path=paths['mom'], keep=False), DropoutSchedule(0.1, path=paths['drop'], keep=False),
            BNDrift(path=paths['bn'], keep=False)]
-    set_seed(0)
-    learn = tabular_learner(dls, layers=[16, 8], config=tabular_config(ps=[0.1, 0.1]), cbs=cbs)
+    learn = helpers.make_learn(dls, cbs=cbs, ps=(0.1, 0.1))
     learn.fit(1, 1e-2)
     for cb, path in zip(cbs, paths.values()):
         assert sum(t.nbytes() for t in log_tables(cb)) == 0
