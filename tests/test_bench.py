@@ -14,7 +14,9 @@ from fastai.callback.core import Callback
 
 import fastai_l5.bench as fb
 from fastai_l5.bench import bench, SECTIONS, format_table
+from helpers import make_learn
 
+DLS = dict(n_rows=600, bs=64)
 STATUSES = {'ok', 'MISSED', 'info', 'baseline', 'n/a'}
 
 
@@ -196,12 +198,10 @@ class _Sleeper(Callback):
     def after_step(self): time.sleep(0.002)
 
 
-def test_event_clock_measures_time_inside_event_methods():
+def test_event_clock_measures_time_inside_event_methods(dls):
     """The clock counts the time inside the callback's event methods, from outside (the class is restored after),
     and a nested event call once."""
-    from fastai_l5.data import example_dls
-    dls = example_dls('diamonds', n_rows=400, bs=64)
-    learn = fb._learner(dls, [4], 0.1, [_Sleeper()])
+    learn = make_learn(dls, cbs=_Sleeper(), layers=(4,), ps=0.1, embed_p=0.1)
     n_batches, own = len(dls.train), dict(vars(_Sleeper))
     wall, _, share = fb._timed_fit(learn, [_Sleeper])
     inside = share * wall
@@ -212,13 +212,11 @@ def test_event_clock_measures_time_inside_event_methods():
     assert dict(vars(_Sleeper)) == own   # the class is as it was
 
 
-def test_read_floor_reads_every_tensor_and_changes_nothing(monkeypatch):
+def test_read_floor_reads_every_tensor_and_changes_nothing(dls, monkeypatch):
     """The reference callback only reads: a fit with it ends with the same weights as without; and it reads g, p,
     the copy of p and every optimizer-state tensor once per step."""
-    from fastai_l5.data import example_dls
-    dls = example_dls('diamonds', n_rows=600, bs=64)
     def fitted(cbs):
-        learn = fb._learner(dls, [8], 0.1, cbs)
+        learn = make_learn(dls, cbs=cbs, layers=(8,), ps=0.1, embed_p=0.1)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
         return learn
     seen = []
