@@ -17,7 +17,7 @@ from torch import nn
 from fastai_l5.all import (BNDrift, DropoutSchedule, MomentumLogger, THRESHOLDS, adam, baseline_loss, diagnose,
                            example_df, example_dls, findings_html, findings_lines, findings_section, grad_noise_scale, plot_finding,
                            sgd_momentum)
-from fastai_l5.diagnose import _flat_grad, _untouched
+from fastai_l5.precise import module_modes, preserved_rng
 
 OPTS = {'adam': adam, 'sgd': sgd_momentum}
 GOOD_LR = {'adam': 3e-3, 'sgd': 0.1}
@@ -293,13 +293,17 @@ def test_grad_noise_scale_matches_the_direct_estimate():
     learn = fitted('diamonds', 'adam', 3e-4, epochs=1, n_rows=6000, bs=256, cbs=False)
     est = grad_noise_scale(learn, n_pairs=16)
     params = [p for p in learn.model.parameters() if p.requires_grad]
+    def flat_grad(xb, yb):
+        learn.model.zero_grad(set_to_none=True)
+        learn.loss_func(learn.model(*xb), yb).backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
     b, chunks = 8, []
-    with _untouched(learn):
+    with module_modes(learn.model), preserved_rng(learn.dls.train):   # leave the shared loaders' RNG as it was
         learn.model.eval()
         for i, batch in enumerate(learn.dls.train):
             if i == 8: break
             for j in range(0, len(batch[0]), b):
-                chunks.append(_flat_grad(learn, tuple(t[j:j + b] for t in batch[:2]), (batch[2][j:j + b],), params))
+                chunks.append(flat_grad(tuple(t[j:j + b] for t in batch[:2]), batch[2][j:j + b]))
     gs = torch.stack(chunks)
     tr = float(b * (gs - gs.mean(0)).square().sum() / (len(gs) - 1))
     g2 = float(gs.mean(0).square().sum()) - tr / (len(gs) * b)
