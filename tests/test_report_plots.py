@@ -3,16 +3,17 @@ draws one panel into the caller's own axes."""
 import matplotlib
 import matplotlib.pyplot as plt
 import pytest
-from fastai.tabular.all import tabular_learner
 
-from fastai_l5.all import DropoutSchedule, MomentumLogger, early_dropout, example_dls
+from fastai_l5.all import DropoutSchedule, MomentumLogger, early_dropout
+from helpers import make_learn
+
+DLS = dict(n_rows=600, bs=64)
 
 
 @pytest.fixture(scope='module')
-def learn():
+def learn(dls):
     matplotlib.use('Agg')
-    learn = tabular_learner(example_dls('diamonds', bs=64, n_rows=600), layers=[16, 8],
-                            cbs=[MomentumLogger(), DropoutSchedule(early_dropout(0.2))])
+    learn = make_learn(dls, cbs=[MomentumLogger(), DropoutSchedule(early_dropout(0.2))])
     learn.fit_one_cycle(1, 1e-2)
     return learn
 
