@@ -88,10 +88,8 @@ def plain_progress(learn):
 def validation_score(learn, recipe):
     """The model's metric on the validation rows, on the target's original scale (rmse or accuracy), and the
     validation predictions as a `DataFrame` (`target`, `prediction`, original scale)."""
-    rec = learn.recorder
-    kept = [list(v) for v in rec.values], list(rec.metric_names)  # get_preds rewrites both
-    try: preds, _ = learn.get_preds(dl=learn.dls.valid)
-    finally: rec.values, rec.metric_names = kept
+    # get_preds would reset the Recorder, whose history of the fit the report's plots and `diagnose` read
+    with learn.removed_cbs(learn.recorder): preds, _ = learn.get_preds(dl=learn.dls.valid)
     truth = recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
     if recipe.is_regression:
         pred = recipe.target_transform.decode(preds.float().view(-1).numpy().astype(float))

@@ -386,4 +386,5 @@ def test_report_opens_with_findings_and_the_command_prints_them(tmp_path, capsys
     out = capsys.readouterr().out
     assert 'Findings:' in out and out.index('Findings:') < out.index('report:')
     csv = pd.read_csv(tmp_path / 'd' / 'findings.csv', keep_default_na=False)
+    assert len(csv) and set(csv.severity) <= {'warn', 'info', 'ok'}   # the demo's fit was diagnosed, not reset away
     assert all(f"] {k}" in out for k in csv['kind'])
