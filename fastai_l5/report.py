@@ -22,7 +22,7 @@ from fastcore.foundation import L
 
 from .batchnorm import BNDrift
 from .core import StepCallback, new_figure
-from .diagnose import findings_section
+from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_section
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
@@ -183,6 +183,11 @@ LEGEND = {
     'mean_drift': ('how far the running mean moved since the fit began, in sds of the starting statistics', '04_batchnorm'),
     'mean_gap': ('|running mean − population mean| / population sd, averaged over channels', '04_batchnorm'),
     'var_gap': ('|log(running variance / population variance)|, averaged over channels', '04_batchnorm'),
+    'severity': ("a finding's weight: warn (costs accuracy or time), info (worth knowing), ok", '07_diagnose'),
+    'kind': ('what diagnose found: lr_too_high, stale_bn_stats, healthy, ... (its thresholds are on the page)', '07_diagnose'),
+    'where': ('the layer or feature the finding is about; empty for the whole model', '07_diagnose'),
+    'evidence': ('the measured numbers behind the finding', '07_diagnose'),
+    'advice': ('what to do about it, with the code', '07_diagnose'),
     'param': ('the parameter tensor', '01_optim'),
     'numel': ('number of entries of the tensor', '01_optim'),
     'mom': ("the parameter group's momentum hyper-parameter now", '01_optim'),
@@ -236,7 +241,7 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rec = learn.recorder
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
-    parts.append(findings_section(learn, out)[0])  # Findings open the report, before any plot
+    parts.append(findings_section(learn, out)[0] + _legend_html(FINDINGS_COLUMNS))  # Findings open the report
     if trained: parts.append('<h2>What was trained</h2><table class="what">' + ''.join(
         f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>'
         f'<p>Column legends link to the docs pages (the site <code>fastai-l5 docs</code> builds in ./_site).</p>')
