@@ -194,12 +194,14 @@ class Variant:
     """One overhead run: `make_cbs()` builds its callbacks afresh; `role` is 'baseline' (the plain fit), 'noise' (the
     plain fit again, A/A), 'ours' (judged on `target`), 'floor' (`ReadFloor`), 'reference' (fastai's) or 'wandb'
     (fastai's W&B callback, with `watch_freq`: `wandb.watch(log='gradients', log_freq=watch_freq)` before the fit).
-    `target(rows)` gives `(measure, limit, label)`, `rows` being this thread setting's rows by variant name."""
+    `target(rows)` gives `(measure, limit, label)`, `rows` being this thread setting's rows by variant name.
+    `every`: for a variant with `MomentumLogger`, its logging period (compared with W&B's histograms at that frequency)."""
     name: str
     make_cbs: Callable
     role: str
     target: Callable | None = None
     watch_freq: int | None = None
+    every: int | None = None
 
 
 class ReadFloor(Callback):
@@ -250,9 +252,9 @@ def _variants(cfg, with_wandb=False, tb_dir=None):
     ours = dict(MomentumLogger=lambda: [MomentumLogger()], DropoutSchedule=lambda: [DropoutSchedule(sched)],
                 BNDrift=lambda: [BNDrift()])
     v = [Variant('plain', lambda: [], 'baseline'), Variant('plain (A/A repeat)', lambda: [], 'noise'),
-         Variant('+MomentumLogger', ours['MomentumLogger'], 'ours', _floor_target),
+         Variant('+MomentumLogger', ours['MomentumLogger'], 'ours', _floor_target, every=1),
          Variant('+MomentumLogger(every=10)', lambda: [MomentumLogger(every=10)], 'ours',
-                 _share_target(SHARE_TARGETS['every10'], '')),
+                 _share_target(SHARE_TARGETS['every10'], ''), every=10),
          Variant('+DropoutSchedule', ours['DropoutSchedule'], 'ours', _share_target(SHARE_TARGETS['DropoutSchedule'], '')),
          Variant('+BNDrift', ours['BNDrift'], 'ours', _share_target(SHARE_TARGETS['BNDrift'], '')),
          Variant('+all three', lambda: [cb for f in ours.values() for cb in f()], 'ours',
@@ -264,15 +266,16 @@ def _variants(cfg, with_wandb=False, tb_dir=None):
         wandb_cb = lambda: WandbCallback(log=None, log_preds=False)
         v.append(Variant(WANDB_ALONE, lambda: [wandb_cb()], 'wandb'))
         v += [Variant(_wandb_name(f), lambda: [wandb_cb()], 'wandb', watch_freq=f) for f in cfg.wandb_freqs]
-        v += [Variant('+MomentumLogger -> W&B', lambda: [MomentumLogger(), wandb_cb()], 'wandb'),
-              Variant('+MomentumLogger(every=10) -> W&B', lambda: [MomentumLogger(every=10), wandb_cb()], 'wandb')]
+        v += [Variant('+MomentumLogger -> W&B', lambda: [MomentumLogger(), wandb_cb()], 'wandb', every=1),
+              Variant('+MomentumLogger(every=10) -> W&B', lambda: [MomentumLogger(every=10), wandb_cb()], 'wandb',
+                      every=10)]
     if tb_dir is not None:
         from fastai.callback.tensorboard import TensorBoardCallback
         tb_cb = lambda: TensorBoardCallback(tempfile.mkdtemp(dir=tb_dir), trace_model=False, log_preds=False)
         v += [Variant(TB_ALONE, lambda: [tb_cb()], 'tensorboard'),
-              Variant('+MomentumLogger -> TensorBoard', lambda: [MomentumLogger(), tb_cb()], 'tensorboard'),
+              Variant('+MomentumLogger -> TensorBoard', lambda: [MomentumLogger(), tb_cb()], 'tensorboard', every=1),
               Variant('+MomentumLogger(every=10) -> TensorBoard', lambda: [MomentumLogger(every=10), tb_cb()],
-                      'tensorboard')]
+                      'tensorboard', every=10)]
     return v
 
 
@@ -450,17 +453,16 @@ def _overhead_rows(variants, times, extra, threads):
         else:
             measure, limit, label = v.target(rows)
             row.update(judged(row[measure], limit, label))
-        row['vs_wandb_grads'] = _vs_wandb(v.name, rows)
+        row['vs_wandb_grads'] = _vs_wandb(v, rows)
     return pd.DataFrame(list(rows.values()))
 
 
-def _vs_wandb(name, rows):
-    """For MomentumLogger at every k steps (alone or sending to W&B): its time over the plain fit as a share of the
+def _vs_wandb(v, rows):
+    """For a variant with MomentumLogger at every k steps (`v.every`): its time over the plain fit as a share of the
     time W&B's gradient histograms at log_freq=k add, (ratio − 1)/(ratio_W&B − 1); NaN for other rows."""
-    every = 10 if 'every=10' in name else 1
-    ref = rows.get(_wandb_name(every))
-    if not name.startswith('+MomentumLogger') or ref is None or ref['ratio'] <= 1: return math.nan
-    return (rows[name]['ratio'] - 1) / (ref['ratio'] - 1)
+    ref = rows.get(_wandb_name(v.every)) if v.every else None
+    if ref is None or ref['ratio'] <= 1: return math.nan
+    return (rows[v.name]['ratio'] - 1) / (ref['ratio'] - 1)
 
 
 # ---------------------------------------------------------------------------------------------
