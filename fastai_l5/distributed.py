@@ -6,7 +6,8 @@ takes host tensors, and on a machine without CUDA that `.cuda()` raises. Importi
 `from fastai_l5.all import *` does; these two patches are its only side effects) patches `DistributedDL._broadcast` to broadcast a host tensor when the
 process group is gloo or MPI, and to run fastai's own code, unchanged, otherwise. It also makes
 `sync_bn=True` (fastai's default) fail at once with a clear message on CPU, where `SyncBatchNorm` cannot
-run, instead of at the first training batch.
+run, instead of at the first training batch. Both patches need `accelerate` (the `distributed` extra), which
+`fastai.distributed` imports; without it nothing is patched (`PATCHED` is False) and the rest of fastai_l5 works.
 
 Launch a script that trains inside `with learn.distrib_ctx(sync_bn=False): learn.fit(...)` with
 `ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 script.py`, or `launch_cpu('script.py')`."""
@@ -20,11 +21,8 @@ import warnings
 
 import torch
 
-with warnings.catch_warnings():  # accelerate, imported by fastai.distributed, warns about Jupyter widgets
-    warnings.filterwarnings('ignore', message='IProgress not found')
-    from fastai.distributed import DistributedDL
 from fastai.learner import Learner
-from fastcore.basics import patch
+from fastcore.basics import patch_to
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ['cpu_collectives', 'launch_cpu']
@@ -38,13 +36,18 @@ def cpu_collectives():
             and torch.distributed.get_backend() in _CPU_BACKENDS)
 
 
-# Keep fastai's originals once, so importing (or reloading) this module twice patches once.
-_fastai_broadcast = getattr(DistributedDL._broadcast, '_fastai_l5_original', DistributedDL._broadcast)
-_fastai_to_distributed = getattr(Learner.to_distributed, '_fastai_l5_original', Learner.to_distributed)
+def _fastai_distributed():
+    """fastai's `DistributedDL`, or None without `accelerate` (the `distributed` extra): `fastai.distributed` needs
+    it at import, and without it there is no `distrib_ctx` to patch, so the library imports and trains as usual."""
+    try: import accelerate  # noqa: F401
+    except ImportError: return None
+    with warnings.catch_warnings():  # accelerate, imported by fastai.distributed, warns about Jupyter widgets
+        warnings.filterwarnings('ignore', message='IProgress not found')
+        from fastai.distributed import DistributedDL
+    return DistributedDL
 
 
-@patch
-def _broadcast(self: DistributedDL, t, rank):
+def _broadcast(self, t, rank):
     """Broadcast the index list `t` from `rank` to every rank and return it, equal on all ranks.
     On a gloo/MPI group the tensor stays on the host; on any other backend (NCCL) fastai's own
     CUDA broadcast runs unchanged."""
@@ -53,11 +56,8 @@ def _broadcast(self: DistributedDL, t, rank):
     torch.distributed.broadcast(t, rank)
     return t.tolist()
 
-DistributedDL._broadcast._fastai_l5_original = _fastai_broadcast
 
-
-@patch
-def to_distributed(self: Learner, sync_bn=True, **kwargs):
+def to_distributed(self, sync_bn=True, **kwargs):
     """fastai's `Learner.to_distributed`, plus a clear error when `sync_bn=True` meets BatchNorm layers
     on a CPU process group: `SyncBatchNorm` only runs on GPUs, so use `distrib_ctx(sync_bn=False)`
     there (each rank then normalises with its own batch statistics, as DDP does by default)."""
@@ -68,7 +68,22 @@ def to_distributed(self: Learner, sync_bn=True, **kwargs):
                          "on CPU processes use `learn.distrib_ctx(sync_bn=False)`")
     return res
 
-Learner.to_distributed._fastai_l5_original = _fastai_to_distributed
+
+def _install_patches():
+    "Patch fastai's two distributed methods, keeping fastai's originals once (importing twice patches once)."
+    global _fastai_broadcast, _fastai_to_distributed
+    DistributedDL = _fastai_distributed()
+    if DistributedDL is None: return False
+    _fastai_broadcast = getattr(DistributedDL._broadcast, '_fastai_l5_original', DistributedDL._broadcast)
+    _fastai_to_distributed = getattr(Learner.to_distributed, '_fastai_l5_original', Learner.to_distributed)
+    for cls, f, orig in ((DistributedDL, _broadcast, _fastai_broadcast), (Learner, to_distributed, _fastai_to_distributed)):
+        patch_to(cls)(f)
+        getattr(cls, f.__name__)._fastai_l5_original = orig
+    return True
+
+
+_fastai_broadcast = _fastai_to_distributed = None
+PATCHED = _install_patches()
 
 
 def _failure_text(out, n=4000):
