@@ -9,4 +9,5 @@ from .precise import *
 from .batchnorm import *
 from .distributed import *
 from .diagnose import *
+from .shift import *
 from .loggers import *

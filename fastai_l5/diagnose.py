@@ -18,12 +18,13 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .core import unwrap_model
+from .counterfactual import Sandbox, dropout_modules, effect_text
 from .precise import module_modes, preserved_rng
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
-           'plot_finding', 'findings_section']
+           'plot_finding', 'findings_section', 'actionable']
 
-COLUMNS = ['kind', 'severity', 'where', 'evidence', 'advice']
+COLUMNS = ['kind', 'severity', 'where', 'evidence', 'advice', 'effect']
 
 # Every threshold of the diagnosis, with the evidence behind it (measured on diamonds and flights, 4,000-8,000
 # rows, layers [64, 32], adam() and sgd_momentum(), fit_one_cycle; nbs/07_diagnose.ipynb states them in prose).
@@ -35,18 +36,22 @@ THRESHOLDS = dict(
     # value while the validation loss is >= `worse` x a constant predictor's (lr 1000x too high: 2.1-50x; the
     # same nets after one step, 1.07-1.33x) and lr_too_low does not hold: the steps made the model worse.
     rise=1.5, explode=2., fight_cos=0.2, fight_flip=0.45, worse=1.5,
-    # lr_too_low: the median update/param ratio of the live layers over the last epoch below `low_ratio`, two
-    # orders under the usual ~1e-3 (healthy 2e-4..8e-3; lr 1000x too low 2e-6), and the smoothed training loss
-    # fell by less than `stuck` of its first value (healthy: 50-90%).
-    low_ratio=1e-5, stuck=0.1,
-    # stale_bn_stats: the validation loss with population BN statistics is at least `bn_gain` lower than with
-    # the running ones (healthy runs of >= 50 steps: -7%..+8%; BN momentum 0.001: 86% lower).
-    bn_gain=0.2,
-    # dropout_too_strong: a layer's p in the last epoch >= `high_p`, and the model does not overfit: its training
-    # loss without dropout (same weights, BN on running statistics) >= `no_gap` x the validation loss, so there is
-    # no generalisation gap for dropout to close (p=0.9: 1.01-1.05; fits that regularise usefully: 0.84-0.87).
-    # The evidence also gives the training loss with dropout on, the cost the optimizer saw.
-    high_p=0.5, no_gap=0.9,
+    # lr_too_low, measured: a candidate when the median update/param ratio of the live layers over the last epoch is
+    # below `low_ratio` (healthy fits at lr_find's valley: 2.9e-4..1.1e-3 on the suite, tests/diagnose_suite.py; lr
+    # 30x below it 2.3e-5..1.3e-4, 100x below 1.1e-5..5.4e-5); then `cf_steps` steps from the final weights on a copy
+    # at 10x and 100x the peak lr against the same steps at the peak lr: a warning when the best lowers the validation
+    # loss by >= `lr_gain` (lr 30-100x too low: 3-44%; healthy runs at 10x: -7%..+210%). Without MomentumLogger the
+    # counterfactual alone decides, at `lr_gain_alone`.
+    low_ratio=2e-4, lr_gain=0.05, lr_gain_alone=0.15, cf_steps=8,
+    # stale_bn_stats, measured: a copy's BN running statistics replaced by the population statistics over up to
+    # `pop_batches` training batches lowers the validation loss by >= `bn_gain` (healthy 4-epoch fits: -3%..+6%; BN
+    # momentum 0.01-0.03 on 1-2 epoch fits that cost >= 1.1x: 12-51%).
+    bn_gain=0.1, pop_batches=16,
+    # dropout_too_strong, measured: some layer's p >= `high_p` (the p of the modules, or the last epoch's logged by
+    # DropoutSchedule); `drop_steps` steps on a copy at the peak lr with every dropout at `advised_p` against the same
+    # steps at the current p's: a warning when the validation loss is >= `drop_gain` lower (p 0.6 that cost >= 1.2x:
+    # 0-12%, most 2-11%; p 0.1 -> 0 on healthy runs: -4%..+0.5%).
+    high_p=0.5, advised_p=0.1, drop_gain=0.02, drop_steps=16,
     # dead_layer: the largest gradient norm a layer got in the last epoch <= `dead_rel` x the median layer's
     # (healthy layers sit within 3 orders of each other; a layer no gradient reaches has exactly 0).
     dead_rel=1e-6,
@@ -54,14 +59,18 @@ THRESHOLDS = dict(
     # class frequencies): within 5% of a constant the model has learned nothing usable. Fewer than `few_steps`
     # optimizer steps in the fit is named as the likely cause.
     baseline=0.95, few_steps=20,
-    # batch_size (info): B_simple from `noise_pairs` (small, large) batch pairs, the small batch being
-    # large/`noise_split`; the batch size is called too large above `bs_factor` x B_simple, too small below 1/that.
-    noise_pairs=4, noise_split=8, bs_factor=4.,
+    # batch_size (info): B_simple from `noise_pairs` training batches, each cut into `noise_split` chunks whose
+    # gradients give |G|^2 and tr(Sigma) (their mean and spread), with a jackknife interval over the batches; the batch
+    # is called too large above `bs_factor` x the interval's top, too small below 1/`bs_factor` x its bottom.
+    noise_pairs=8, noise_split=8, bs_factor=4.,
+    # worse_than_baseline: also needs the task metric (accuracy) no better than the majority class's by more than
+    # `acc_margin` binomial standard errors of the validation accuracy.
+    acc_margin=2.,
 )
 
 
-def _finding(kind, severity, where, evidence, advice): return dict(kind=kind, severity=severity, where=where,
-                                                                   evidence=evidence, advice=advice)
+def _finding(kind, severity, where, evidence, advice, effect=''):
+    return dict(kind=kind, severity=severity, where=where, evidence=evidence, advice=advice, effect=effect)
 
 
 def _cb_df(learn, attr, log='df'):
@@ -141,33 +150,66 @@ def _live_layers(mom, th):
     return gmax, gmax <= th['dead_rel'] * ref
 
 
-def _lr_too_low(learn, mom, th):
-    losses = _train_losses(learn)
+def _update_ratio(mom, th):
+    "The median over live layers of each layer's median update/param ratio in the last epoch (NaN when none)."
     gmax, dead = _live_layers(mom, th)
     ratios = mom[mom['layer'].isin(gmax.index[~dead])].groupby('layer')['update_ratio'].median().dropna()
-    if not len(ratios) or not len(losses): return None
-    ratio, drop = float(ratios.median()), 1 - float(losses[-1]) / float(losses[0])
-    if not (ratio < th['low_ratio'] and drop < th['stuck']): return None
+    return float(ratios.median()) if len(ratios) else float('nan')
+
+
+def _lr_too_low(learn, mom, th, box):
+    """A candidate when the update/param ratio is below `low_ratio` (without MomentumLogger: always); then measured:
+    `cf_steps` steps from the final weights on a copy at 10x and 100x the peak lr, against the same steps at the
+    peak lr. The better of the two is the advice."""
+    ratio = _update_ratio(mom, th) if mom is not None else float('nan')
+    if mom is not None and not ratio < th['low_ratio']: return None
     lr, n = _peak_lr(learn), _fit_epochs(learn)
-    new_lr = lr * min(1e3, 1e-3 / max(ratio, 1e-12))
-    return _finding('lr_too_low', 'warn', '', f"the median update/param ratio over the last epoch was {ratio:.2e} "
-                    f"(the usual is ~1e-3) and the training loss changed by only {-100 * drop:+.1f}% "
-                    f"(from {_fmt(losses[0])} to {_fmt(losses[-1])}) at a peak lr of {_fmt(lr)}.",
-                    f"raise the learning rate, e.g. `learn.fit_one_cycle({n}, {_fmt(new_lr)})`, "
-                    "or pick one with `learn.lr_find()`")
+    steps = min(th['cf_steps'], len(box.train))
+    at_lr = box.continued(lr=lr, steps=steps)
+    tried = {f: box.continued(lr=lr * f, steps=steps) for f in (10, 100)}
+    factor = min(tried, key=lambda f: tried[f] if math.isfinite(tried[f]) else math.inf)
+    best = tried[factor]
+    if not (math.isfinite(at_lr) and math.isfinite(best)): return None
+    gain = 1 - best / at_lr
+    need = th['lr_gain'] if mom is not None else th['lr_gain_alone']
+    why = (f"the median update/param ratio over the last epoch was {ratio:.2e} (healthy fits: ~3e-4 to 1e-3); "
+           if mom is not None else '')
+    ev = (f"{why}{steps} more steps from the final weights on a copy at {_fmt(lr * factor)} ({factor}x the peak lr "
+          f"{_fmt(lr)}) give a validation loss of {_fmt(best)} against {_fmt(at_lr)} at the peak lr "
+          f"({100 * gain:.0f}% lower")
+    eff = effect_text(at_lr, best)
+    if gain < need:
+        if mom is None: return None
+        return _finding('lr_too_low', 'info', '', ev + f", under the {100 * need:.0f}% that would make it a warning): the "
+                        "updates are small, but a higher lr does not measurably help.", "nothing to change on this evidence", eff)
+    return _finding('lr_too_low', 'warn', '', ev + ").", f"raise the learning rate, e.g. `learn.fit_one_cycle({n}, "
+                    f"{_fmt(lr * factor)})`, or pick one with `learn.lr_find()`", eff)
 
 
-def _stale_bn(pdf, th):
-    last = pdf[pdf['epoch'] == pdf['epoch'].max()]
-    run, pop = float(last['valid_loss'].iloc[0]), float(last['valid_loss_precise'].iloc[0])
-    if not (math.isfinite(run) and math.isfinite(pop)) or pop > (1 - th['bn_gain']) * run: return None
-    worst = last.loc[last['mean_gap'].idxmax()]
-    return _finding('stale_bn_stats', 'warn', str(worst['layer']),
+def _bn_momenta(learn):
+    return [m.momentum for m in unwrap_model(learn.model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _stale_bn(learn, th, box):
+    """Measured on a copy: its BN running statistics replaced by the population statistics over up to `pop_batches`
+    training batches (`precise_bn`'s pass), against the running ones, on the same validation rows. Returns
+    `(finding or None, population-statistics loss)`."""
+    run, pop = box.baseline, box.population(th['pop_batches'])
+    if not (math.isfinite(run) and math.isfinite(pop)) or pop > (1 - th['bn_gain']) * run: return None, pop
+    pdf = _cb_df(learn, 'bn_drift', 'precise_df')
+    where, gap = '', ''
+    if pdf is not None:
+        last = pdf[pdf['epoch'] == pdf['epoch'].max()]
+        worst = last.loc[last['mean_gap'].idxmax()]
+        where, gap = str(worst['layer']), f"; {worst['layer']} had the largest mean_gap, {worst['mean_gap']:.3g}"
+    low = sorted({m for m in _bn_momenta(learn) if m is not None and m < 0.1})
+    mom_txt = (f", or raise BN's momentum from {', '.join(map(_fmt, low))} to 0.1 (`m.momentum = 0.1` for each "
+               "BatchNorm)") if low else ''
+    return _finding('stale_bn_stats', 'warn', where,
                     f"the validation loss was {_fmt(run)} with BN's running statistics and {_fmt(pop)} with "
-                    f"population statistics ({100 * (1 - pop / run):.0f}% lower); {worst['layer']} had the largest "
-                    f"mean_gap, {worst['mean_gap']:.3g}.",
+                    f"population statistics ({100 * (1 - pop / run):.0f}% lower, measured on a copy){gap}.",
                     "refresh the statistics with `learn.precise_bn()` before `learn.export()`, attach "
-                    "`PreciseBNCallback()`, or raise BN's momentum (e.g. `m.momentum = 0.1` for each BatchNorm)")
+                    f"`PreciseBNCallback()`{mom_txt}", effect_text(run, pop)), pop
 
 
 @contextlib.contextmanager
@@ -185,6 +227,40 @@ def _untouched(learn):
         for m, p in ps: m.p = p
 
 
+def _dropout_ps(learn, ddf):
+    "Each dropout layer's p: the last epoch's mean from DropoutSchedule's log, else the module's own p."
+    ps = {name: float(m.p) for name, m in dropout_modules(learn.model)}
+    if ddf is not None: ps.update(_last_epoch(ddf).groupby('layer', sort=False)['p'].mean().astype(float).to_dict())
+    return ps
+
+
+def _dropout_too_strong(learn, ddf, th, box):
+    """A candidate when some layer's p >= `high_p`; measured: `drop_steps` steps on a copy at the peak lr with every
+    dropout at most `advised_p`, against the same steps with the p's as they are. Names every strong layer."""
+    ps = _dropout_ps(learn, ddf)
+    strong = {k: p for k, p in ps.items() if p >= th['high_p']}
+    if not strong: return None
+    lr, steps, adv = _peak_lr(learn), min(th['drop_steps'], len(box.train)), th['advised_p']
+    as_is = box.continued(lr=lr, ps=ps, steps=steps)
+    lower = box.continued(lr=lr, ps={k: min(p, adv) for k, p in ps.items()}, steps=steps)
+    if not (math.isfinite(as_is) and math.isfinite(lower)): return None
+    gain = 1 - lower / as_is
+    where = ', '.join(strong)
+    ev = (f"{where} dropped with p {', '.join(f'{p:.2f}' for p in strong.values())}; {steps} more steps on a copy "
+          f"at the peak lr {_fmt(lr)} give a validation loss of {_fmt(lower)} with p={adv} against {_fmt(as_is)} "
+          f"with the p's as they are ({100 * gain:.1f}% lower")
+    eff = effect_text(as_is, lower)
+    if gain < th['drop_gain']:
+        return _finding('dropout_too_strong', 'info', where, ev + f", under the {100 * th['drop_gain']:.0f}% that would "
+                        "make it a warning): this dropout does no measurable harm.", "nothing to change on this evidence", eff)
+    emb = [k for k in strong if 'emb' in k]
+    hidden = [k for k in strong if k not in emb]
+    code = ('`tabular_config(' + ', '.join(([f'ps={adv}'] if hidden else []) + ([f'embed_p={adv}'] if emb else [])) + ')`')
+    sched = ', '.join(f"'{k}': early_dropout({adv})" for k in strong)
+    return _finding('dropout_too_strong', 'warn', where, ev + "): the dropout holds the model back.",
+                    f"lower p on {where} (e.g. {code}) or drop only early: `DropoutSchedule({{{sched}}})`", eff)
+
+
 def _train_batches(learn, n):
     "The first `n` (inputs, targets) batches of the training loader, on the model's device."
     device = next(learn.model.parameters()).device
@@ -195,37 +271,6 @@ def _train_batches(learn, n):
         out.append((b[:n_inp], b[n_inp:]))
         if len(out) >= n: break
     return out
-
-
-def _dropout_losses(learn, last_p, n_batches=4):
-    """The loss on `n_batches` training batches at the current weights with every dropout layer at its last
-    logged p (BN on its running statistics), and with dropout off: (with dropout, without)."""
-    mods = dict(unwrap_model(learn.model).named_modules())
-    with _untouched(learn), torch.no_grad():
-        batches = _train_batches(learn, n_batches)
-        learn.model.eval()
-        plain = np.mean([float(learn.loss_func(learn.model(*x), *y)) for x, y in batches])
-        for name, p in last_p.items():
-            if name in mods: mods[name].p = float(p); mods[name].train()
-        dropped = np.mean([float(learn.loss_func(learn.model(*x), *y)) for x, y in batches])
-    return float(dropped), float(plain)
-
-
-def _dropout_too_strong(learn, ddf, th):
-    last_p = _last_epoch(ddf).groupby('layer', sort=False)['p'].mean()
-    if not len(last_p) or last_p.max() < th['high_p']: return None
-    valid = _epoch_value(learn, 'valid_loss')
-    if valid is None or not math.isfinite(valid): return None
-    dropped, plain = _dropout_losses(learn, last_p)
-    if not plain >= th['no_gap'] * valid: return None
-    where = str(last_p.idxmax())
-    return _finding('dropout_too_strong', 'warn', where,
-                    f"{where} dropped with mean p={last_p.max():.2f} in the last epoch; the training loss with dropout "
-                    f"was {_fmt(dropped)}, {_fmt(dropped / plain)}x the {_fmt(plain)} of the same weights without it, "
-                    f"which is no lower than the validation loss {_fmt(valid)}: the model underfits and the dropout "
-                    "holds it back.",
-                    f"lower p (e.g. `tabular_config(ps=0.1)`) or drop only early: "
-                    f"`DropoutSchedule({{'{where}': early_dropout(0.1)}})`")
 
 
 def _dead_layer(mom, th):
@@ -241,18 +286,35 @@ def _dead_layer(mom, th):
                     "for weights set to zero or units stuck at 0 before a ReLU")
 
 
+def _labelled(learn, df):
+    names = list(getattr(learn.dls, 'y_names', []) or [])
+    return bool(names) and all(n in df.columns and df[n].notna().all() for n in names)
+
+
+def _new_data_loss(learn, df):
+    "The validation-style loss of the user's model on labelled new data (NaN when that fails)."
+    from .precise import valid_loss
+    try:
+        dl = learn.dls.test_dl(df, with_labels=True)
+        with preserved_rng(dl): return valid_loss(learn, dl)
+    except Exception: return float('nan')
+
+
 def _data_shift(learn, new_df):
-    from .batchnorm import bn_shift
-    shift = bn_shift(learn, new_df)
-    rows = []
-    for r in shift[shift['shifted']].itertuples():
-        effect = getattr(r, 'effect', (r.new_mean - r.train_mean) / r.train_std)
-        rows.append(_finding('data_shift', 'warn', str(r.feature),
-                             f"{r.feature} has mean {_fmt(r.new_mean)} in the new data against {_fmt(r.train_mean)} in "
-                             f"training (effect {effect:.3g} training sd, z={r.z:.3g}, std ratio {r.std_ratio:.3g}).",
-                             f"check how `{r.feature}` is produced for the new rows (units, encoding, pipeline); if the "
-                             "world really moved, retrain on data that includes such rows"))
-    return rows
+    """`shift_table`'s flagged features, strongest first; with labels in `new_df`, the loss there against the
+    validation loss is the measured effect (on every row: it is the data's, not a feature's)."""
+    from .shift import shift_table
+    table = shift_table(learn, new_df)
+    hits = table[table['shifted']].sort_values('stat', ascending=False) if len(table) else table
+    if not len(hits): return []
+    eff = ''
+    if _labelled(learn, new_df):
+        valid = _epoch_value(learn, 'valid_loss')
+        eff = effect_text(valid, _new_data_loss(learn, new_df), 'loss valid -> new data') if valid is not None else ''
+    return [_finding('data_shift', 'warn', str(r.feature), r.evidence,
+                     f"check how `{r.feature}` is produced for the new rows (units, encoding, pipeline, the mix of "
+                     "sources); if the world really moved, retrain on data that includes such rows", eff)
+            for r in hits.itertuples()]
 
 
 def baseline_loss(learn):
@@ -275,7 +337,11 @@ def baseline_loss(learn):
     return float(learn.loss_func(mean.expand_as(targ).clone(), targ)), None
 
 
-def _worse_than_baseline(learn, th):
+def _worse_than_baseline(learn, th, stale=None, pop=float('nan')):
+    """The validation loss within `baseline` of a constant predictor's, judged with the task metric too: a model whose
+    accuracy beats the majority class's by more than `acc_margin` standard errors is not "no better than a constant"
+    (its loss is badly calibrated: an info). When stale BN statistics explain the loss (with population statistics it
+    beats the constant), the row says so and is an info: the cause is the `stale_bn_stats` row."""
     valid = _epoch_value(learn, 'valid_loss')
     if valid is None or not math.isfinite(valid): return None
     base, base_acc = baseline_loss(learn)
@@ -283,9 +349,22 @@ def _worse_than_baseline(learn, th):
     n_steps = len(learn.recorder.losses)
     acc = _epoch_value(learn, 'accuracy')
     acc_txt = f" (accuracy {acc:.3f} against the majority class's {base_acc:.3f})" if acc is not None and base_acc is not None else ''
+    what = 'the class frequencies' if base_acc is not None else 'the training mean'
+    if stale is not None and math.isfinite(pop) and pop < th['baseline'] * base:
+        return _finding('worse_than_baseline', 'info', '', f"the validation loss {_fmt(valid)} is no better than the "
+                        f"{_fmt(base)} of a constant predictor ({what}){acc_txt}, but with population BN statistics it "
+                        f"is {_fmt(pop)}: stale BN statistics explain it (see stale_bn_stats).",
+                        "refresh BN's statistics with `learn.precise_bn()` (the stale_bn_stats row)", effect_text(valid, pop))
+    if acc is not None and base_acc is not None:
+        se = math.sqrt(max(base_acc * (1 - base_acc), 1e-12) / max(len(learn.dls.valid_ds), 1))
+        if acc > base_acc + th['acc_margin'] * se:
+            return _finding('worse_than_baseline', 'info', '', f"the validation loss {_fmt(valid)} is no better than the "
+                            f"{_fmt(base)} of a constant predictor ({what}), yet the accuracy {acc:.3f} beats the "
+                            f"majority class's {base_acc:.3f} by {(acc - base_acc) / se:.1f} standard errors: the model "
+                            "ranks the classes usefully but its probabilities are badly calibrated.",
+                            "nothing to change for accuracy; for calibrated probabilities train longer or at a lower lr")
     cause = (f"; the fit ran only {n_steps} optimizer steps, a handful of batches" if n_steps < th['few_steps']
              else f" after {n_steps} optimizer steps")
-    what = 'the class frequencies' if base_acc is not None else 'the training mean'
     n_train = len(learn.dls.train_ds)
     small_bs = max(16, 2 ** int(math.log2(max(n_train / 50, 1))))  # ~50 steps an epoch
     return _finding('worse_than_baseline', 'warn', '', f"the validation loss {_fmt(valid)} is no better than the "
@@ -297,68 +376,84 @@ def _worse_than_baseline(learn, th):
 # ---------------------------------------------------------------------------------------------
 # Gradient noise scale
 
-def _flat_grad(learn, xb, yb, params):
-    learn.model.zero_grad(set_to_none=True)
-    learn.loss_func(learn.model(*xb), *yb).backward()
+def _flat_grad(model, loss_func, xb, yb, params):
+    model.zero_grad(set_to_none=True)
+    loss_func(model(*xb), *yb).backward()
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
 
 
-def grad_noise_scale(learn, n_pairs=4, split=8):
+def grad_noise_scale(learn, n_pairs=8, split=8, batches=None):
     """The simple gradient noise scale B_simple = tr(Σ)/|G|² at the current weights (McCandlish et al. 2018,
-    App. A), with G the true gradient and Σ the per-example gradient covariance. For each of `n_pairs` training
-    batches of size B (the loader's) and its `split` chunks of size b = B/split, the unbiased estimates
-    |G|² ≈ (B‖G_B‖² − b·mean‖G_b‖²)/(B − b) and tr(Σ) ≈ (mean‖G_b‖² − ‖G_B‖²)/(1/b − 1/B); both are
-    averaged over the pairs before taking the ratio.
+    App. A), with G the true gradient and Σ the per-example gradient covariance: the batch size at which a batch
+    gradient's noise is as large as its signal. Each of `n_pairs` training batches of B rows (the loader's) is cut
+    into `split` chunks of b = B/split rows; their gradients g_1..g_split give the unbiased estimates
+    tr(Σ) ≈ b·Σ‖g_i − ḡ‖²/(split − 1) and |G|² ≈ ‖ḡ‖² − tr(Σ)/B (ḡ is the batch's gradient), averaged over the
+    batches. `b_low`, `b_high`: the interval tr(Σ)/(|G|² ± 2 SE), SE the standard error of |G|² over the batches
+    (`b_high` is inf when |G|² − 2 SE ≤ 0: the noise may hide the mean).
 
-    The model runs in eval mode: the estimator assumes a batch's gradient is the mean of independent
-    per-example gradients, which holds with BN on its running statistics and no dropout; in training mode BN
-    couples the examples of a batch (and normalises a chunk differently from the whole batch). The eval mode
-    also leaves BN's running statistics alone. Gradients, modes and RNG states are put back afterwards.
-    Returns a dict: `b_simple` (NaN when |G|² came out ≤ 0: the noise hides the mean), `trace_sigma`, `g2`,
-    `b_small`, `b_large`, `n_pairs`."""
-    params = [p for p in learn.model.parameters() if p.requires_grad]
+    Runs on a copy of the model in eval mode: the estimator assumes a batch's gradient is the mean of independent
+    per-example gradients, which holds with BN on its running statistics and no dropout. The user's model, its
+    gradients and every RNG are untouched. `batches` (a list of `(xb, yb)`) replaces drawing from the loader.
+    Returns a dict: `b_simple` (NaN when |G|² came out ≤ 0), `b_low`, `b_high`, `trace_sigma`, `g2`, `b_small`,
+    `b_large`, `n_pairs`."""
     big = int(learn.dls.train.bs)
     small = max(1, big // split)
     big = small * split
+    if batches is None:
+        with preserved_rng(learn.dls.train, learn.dls.valid): batches = _train_batches(learn, n_pairs)
+    from copy import deepcopy
+    model = deepcopy(learn.model).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
     g2s, trs = [], []
-    with _untouched(learn):
-        learn.model.eval()
-        for xb, yb in _train_batches(learn, n_pairs):
+    with preserved_rng(learn.dls.train):
+        for xb, yb in batches[:n_pairs]:
             if len(yb[0]) < big: continue
-            xb, yb = tuple(x[:big] for x in xb), tuple(y[:big] for y in yb)
-            gb = float(_flat_grad(learn, xb, yb, params).square().sum())
-            gs = np.mean([float(_flat_grad(learn, tuple(x[i:i + small] for x in xb), tuple(y[i:i + small] for y in yb),
-                                           params).square().sum()) for i in range(0, big, small)])
-            g2s.append((big * gb - small * gs) / (big - small))
-            trs.append((gs - gb) / (1 / small - 1 / big))
+            gs = torch.stack([_flat_grad(model, learn.loss_func, tuple(x[i:i + small] for x in xb),
+                                         tuple(y[i:i + small] for y in yb), params) for i in range(0, big, small)])
+            mean = gs.mean(0)
+            tr = float(small * (gs - mean).square().sum() / (split - 1))
+            trs.append(tr); g2s.append(float(mean.square().sum()) - tr / big)
     if not g2s: raise ValueError(f"grad_noise_scale needs training batches of {big} rows; the loader has none")
     g2, tr = float(np.mean(g2s)), float(np.mean(trs))
-    return dict(b_simple=tr / g2 if g2 > 0 else float('nan'), trace_sigma=tr, g2=g2, b_small=small, b_large=big,
+    se = float(np.std(g2s, ddof=1) / math.sqrt(len(g2s))) if len(g2s) > 1 else abs(g2)
+    hi_g2, lo_g2 = g2 + 2 * se, g2 - 2 * se
+    return dict(b_simple=tr / g2 if g2 > 0 else float('nan'), b_low=tr / hi_g2 if hi_g2 > 0 else float('nan'),
+                b_high=tr / lo_g2 if lo_g2 > 0 else float('inf'), trace_sigma=tr, g2=g2, b_small=small, b_large=big,
                 n_pairs=len(g2s))
 
 
-def _batch_size(learn, th):
-    est = grad_noise_scale(learn, th['noise_pairs'], th['noise_split'])
-    bs, b = int(learn.dls.train.bs), est['b_simple']
-    how = (f"from {est['n_pairs']} pairs of batches of {est['b_small']} and {est['b_large']} rows, model in eval mode "
-           f"(|G|²={est['g2']:.3g}, tr(Σ)={est['trace_sigma']:.3g})")
-    if not math.isfinite(b):
-        return _finding('batch_size', 'info', '', f"the gradient noise scale could not be measured {how}: |G|² "
-                        "came out <= 0, the mean gradient lost in its noise (near a minimum, or where the gradients "
-                        f"vanish), so B_simple is above what batches of {bs} can resolve.",
-                        "nothing to change on this evidence; measure again with more pairs, "
-                        "`grad_noise_scale(learn, n_pairs=16)`")
-    later = "; B_simple grows as the loss falls, so measure again later in training"
-    if bs > th['bs_factor'] * b:
-        verdict = (f"the batch is {bs / b:.0f}x the noise scale, so most of it averages away noise that is already "
-                   f"small: a smaller batch (e.g. `bs={max(16, int(round(b)))}` in the DataLoaders) makes more progress "
-                   f"per example{later}")
-    elif bs < b / th['bs_factor']:
-        verdict = (f"the gradient is noisy at this batch size: a larger one (e.g. `bs={int(round(b))}` in the "
-                   f"DataLoaders) takes fewer steps for the same progress{later}")
-    else: verdict = "the batch size is in the efficient range, nothing to change"
-    return _finding('batch_size', 'info', '', f"the gradient noise scale B_simple is {b:.3g} against a batch size "
-                    f"of {bs}, {how}.", verdict)
+_NOT_ACTIONABLE = 'nothing to change'
+
+
+def _pow2(x): return 2 ** int(round(math.log2(max(x, 1))))
+
+
+def _batch_size(learn, th, box=None):
+    """An info row. The advised batch lies in [8, a quarter of the training rows] and is never the one in use; the
+    row is actionable (its advice does not start with 'nothing to change') only when the batch in use lies outside
+    the measured interval by more than `bs_factor`."""
+    est = grad_noise_scale(learn, th['noise_pairs'], th['noise_split'], batches=box.train if box is not None else None)
+    bs, b, lo, hi = int(learn.dls.train.bs), est['b_simple'], est['b_low'], est['b_high']
+    n_train = len(learn.dls.train_ds)
+    top = max(8, n_train // 4)
+    target = b if math.isfinite(b) else (lo if math.isfinite(lo) else bs)
+    adv = min(max(_pow2(target), 8), top)
+    if adv == bs: adv = bs * 2 if bs * 2 <= top else max(8, bs // 2)
+    if adv == bs: adv = 8 if bs != 8 else 16
+    rng = f"{_fmt(lo) if math.isfinite(lo) else '?'} to {_fmt(hi) if math.isfinite(hi) else 'beyond what this batch can resolve'}"
+    what = (f"the batch size at which a step's gradient is as noisy as it is informative is about "
+            f"{_fmt(b) if math.isfinite(b) else 'more than ' + _fmt(lo)} rows at the final weights (likely {rng}; "
+            f"measured on {est['n_pairs']} batches of {est['b_large']}), against the {bs} in use.")
+    if math.isfinite(hi) and bs > th['bs_factor'] * hi:
+        advice = (f"a smaller batch, e.g. `bs={adv}` in the DataLoaders: most of each batch of {bs} averages away "
+                  "noise that is already small, so more, smaller steps make more progress per row")
+    elif math.isfinite(lo) and bs * th['bs_factor'] < lo:
+        advice = (f"a larger batch, e.g. `bs={adv}` in the DataLoaders: the gradients of {bs} rows are mostly noise, "
+                  "so fewer, larger steps make the same progress")
+    else:
+        advice = (f"{_NOT_ACTIONABLE}: the batch is within a factor {th['bs_factor']:g} of that range (another that "
+                  f"would do, e.g. `bs={adv}`)")
+    return _finding('batch_size', 'info', '', what, advice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,39 +468,54 @@ def _info_missing(kinds, attach):
                     "attached to the last fit.", f"attach `{attach}` (e.g. `learn.add_cb({attach})`) and fit again")
 
 
+# causes before symptoms: among warnings, a row earlier here explains those after it
+_CAUSE_ORDER = ['stale_bn_stats', 'lr_too_high', 'lr_too_low', 'dead_layer', 'dropout_too_strong', 'data_shift',
+                'worse_than_baseline']
+
+
 def diagnose(learn, new_df=None, thresholds=None):
     """One row per finding about the last fit: `kind`, `severity` (`warn`, `info`, `ok`), `where` (a layer, a
-    feature, or '' for the model), `evidence` (the measured numbers) and `advice` (what to do, with code).
+    feature, or '' for the model), `evidence` (the measured numbers), `advice` (what to do, with code) and `effect`
+    (the validation loss measured with the advice applied to a copy of the learner, or '').
     Kinds: `lr_too_high`, `lr_too_low`, `stale_bn_stats`, `dropout_too_strong`, `dead_layer`, `data_shift`
     (given `new_df`), `worse_than_baseline`, `batch_size` (info), `healthy` (ok, when nothing warns) and
-    `missing_callback` (info, naming the callback a kind needs). `thresholds` overrides entries of
-    `THRESHOLDS`. Call it right after the fit: `learn.validate()`/`get_preds()` reset fastai's Recorder."""
+    `missing_callback` (info, naming the callback a kind needs and what to pass it). A candidate is a `warn` only
+    when its counterfactual's effect is material (see `THRESHOLDS`), else an `info`. Warnings come causes first.
+    `thresholds` overrides entries of `THRESHOLDS`. Call it right after the fit: `learn.validate()`/`get_preds()`
+    reset fastai's Recorder. The learner is left as it was: weights, buffers, optimizer state, dropout p's, modes,
+    gradients, callbacks, Recorder and random states."""
     th = {**THRESHOLDS, **(thresholds or {})}
     unknown = set(th) - set(THRESHOLDS)
     if unknown: raise ValueError(f"unknown thresholds {sorted(unknown)}; the thresholds are {sorted(THRESHOLDS)}")
     if not getattr(learn.recorder, 'losses', None):
         raise ValueError("diagnose reads the last fit from fastai's Recorder, which holds no training batch: fit "
                          "first, and call diagnose before learn.validate()/get_preds() (they reset it)")
+    if new_df is not None and not isinstance(new_df, pd.DataFrame):
+        raise ValueError(f"new_df must be a pandas DataFrame of new rows, got {type(new_df).__name__}")
+    box = Sandbox(learn, k=max(th['cf_steps'], th['drop_steps'], th['pop_batches'], th['noise_pairs']))
     rows = []
     mom = _cb_df(learn, 'momentum_logger')
     mom = _last_epoch(mom) if mom is not None else None
     diverged = not np.isfinite(_train_losses(learn)).all()  # then gradient norms say nothing about dead layers
-    too_low = _lr_too_low(learn, mom, th) if mom is not None and not diverged else None
-    rows += [_lr_too_high(learn, mom, th, too_low is not None), too_low]
+    too_low = _lr_too_low(learn, mom, th, box) if not diverged else None
+    rows += [_lr_too_high(learn, mom, th, too_low is not None and too_low['severity'] == 'warn'), too_low]
     if mom is not None: rows.append(None if diverged else _dead_layer(mom, th))
-    else: rows.append(_info_missing('lr_too_low, dead_layer and the momentum half of lr_too_high', 'MomentumLogger()'))
-    if _has(learn.model, nn.modules.batchnorm._BatchNorm):
-        pdf = _cb_df(learn, 'bn_drift', 'precise_df')
-        if pdf is not None: rows.append(_stale_bn(pdf, th))
-        elif _cb_df(learn, 'precise_bn_cb') is None:
-            rows.append(_info_missing('stale_bn_stats', 'BNDrift(precise_every=1)'))
-    if _has(learn.model, nn.modules.dropout._DropoutNd, 'p') or _cb_df(learn, 'dropout_schedule') is not None:
-        ddf = _cb_df(learn, 'dropout_schedule')
-        if ddf is not None: rows.append(_dropout_too_strong(learn, ddf, th))
-        else: rows.append(_info_missing('dropout_too_strong', 'DropoutSchedule(...)'))
+    else: rows.append(_info_missing('dead_layer and the momentum half of lr_too_high', 'MomentumLogger()'))
+    stale, pop = None, float('nan')
+    if _has(learn.model, nn.modules.batchnorm._BatchNorm) and not diverged:
+        stale, pop = _stale_bn(learn, th, box)
+        rows.append(stale)
+        drift = getattr(learn, 'bn_drift', None)
+        if drift is not None and not getattr(drift, 'precise_every', None):
+            rows.append(_finding('missing_callback', 'info', '', "BNDrift is attached without `precise_every`, so the "
+                                 "per-epoch validation loss with population statistics (the history behind "
+                                 "stale_bn_stats and its plot) was not logged.",
+                                 "pass precise_every=1 to the BNDrift you attach: `BNDrift(precise_every=1)`"))
+    if (_has(learn.model, nn.modules.dropout._DropoutNd, 'p') or _cb_df(learn, 'dropout_schedule') is not None) and not diverged:
+        rows.append(_dropout_too_strong(learn, _cb_df(learn, 'dropout_schedule'), th, box))
     if new_df is not None: rows += _data_shift(learn, new_df)
-    rows.append(_worse_than_baseline(learn, th))
-    rows.append(_batch_size(learn, th))
+    rows.append(_worse_than_baseline(learn, th, stale, pop))
+    if not diverged: rows.append(_batch_size(learn, th, box))
     rows = [r for r in rows if r is not None]
     if not any(r['severity'] == 'warn' for r in rows):
         valid = _epoch_value(learn, 'valid_loss')
@@ -413,7 +523,9 @@ def diagnose(learn, new_df=None, thresholds=None):
                                 f"steps, validation loss {_fmt(valid) if valid is not None else 'n/a'}).",
                                 "nothing to fix"))
     order = {'warn': 0, 'ok': 1, 'info': 2}
-    return pd.DataFrame(sorted(rows, key=lambda r: order[r['severity']]), columns=COLUMNS)
+    rank = {k: i for i, k in enumerate(_CAUSE_ORDER)}
+    rows = sorted(rows, key=lambda r: (order[r['severity']], rank.get(r['kind'], len(rank)) if r['severity'] == 'warn' else 0))
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 patch_to(Learner, nm='diagnose')(diagnose)
 
@@ -424,25 +536,37 @@ patch_to(Learner, nm='diagnose')(diagnose)
 _MARK = {'warn': '!!', 'info': 'i ', 'ok': 'ok'}
 
 
-def findings_lines(findings):
-    "The findings as terminal lines: one headline per finding, then its evidence and advice indented."
+def actionable(findings):
+    "A boolean mask of the rows worth showing a user: every warn and ok row, and info rows whose advice is an action."
+    return (findings['severity'] != 'info') | ~findings['advice'].astype(str).str.startswith(_NOT_ACTIONABLE)
+
+
+def findings_lines(findings, all_rows=False):
+    """The findings as terminal lines: one headline per finding, then its evidence, measured effect and advice
+    indented. Info rows with nothing to act on are left out unless `all_rows` (the frame keeps them)."""
     lines = ['Findings:']
-    for r in findings.itertuples():
+    shown = findings if all_rows or not len(findings) else findings[actionable(findings)]
+    for r in shown.itertuples():
         lines.append(f"  [{_MARK.get(r.severity, r.severity)}] {r.kind}" + (f" ({r.where})" if r.where else ''))
-        lines += [f"       {r.evidence}", f"       -> {r.advice}"]
+        lines.append(f"       {r.evidence}")
+        effect = getattr(r, 'effect', '')
+        if isinstance(effect, str) and effect: lines.append(f"       measured: {effect}")
+        lines.append(f"       -> {r.advice}")
     return lines
 
 
 def findings_html(findings, figures=None):
-    """The findings as an HTML section headed "Findings": a table of kind, where, evidence and advice, each row
-    coloured by severity, and after it the `figures` (a dict kind -> image file name) that show the evidence."""
+    """The findings as an HTML section headed "Findings": a table of kind, where, evidence, advice and the measured
+    effect, each row coloured by severity, and after it the `figures` (a dict kind -> image file name) that show the
+    evidence."""
     color = {'warn': '#fde2e1', 'info': '#eef3fb', 'ok': '#e3f6e5'}
+    eff = lambda r: getattr(r, 'effect', '') if isinstance(getattr(r, 'effect', ''), str) else ''
     rows = ''.join(f'<tr style="background:{color.get(r.severity, "#fff")}"><td>{html.escape(r.severity)}</td>'
                    f'<td><b>{html.escape(r.kind)}</b></td><td>{html.escape(r.where)}</td>'
-                   f'<td>{html.escape(r.evidence)}</td><td>{html.escape(r.advice)}</td></tr>'
+                   f'<td>{html.escape(r.evidence)}</td><td>{html.escape(r.advice)}</td><td>{html.escape(eff(r))}</td></tr>'
                    for r in findings.itertuples())
     table = ('<table class="findings" style="border-collapse:collapse;text-align:left"><tr><th>severity</th>'
-             f'<th>kind</th><th>where</th><th>evidence</th><th>advice</th></tr>{rows}</table>')
+             f'<th>kind</th><th>where</th><th>evidence</th><th>advice</th><th>effect</th></tr>{rows}</table>')
     imgs = ''.join(f'<img src="{html.escape(name)}" alt="{html.escape(kind)}">' for kind, name in (figures or {}).items())
     return f'<h2>Findings</h2>{table}{imgs}'
 
@@ -477,14 +601,14 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
             valid = _epoch_value(learn, 'valid_loss')
             if valid is not None: ax.axhline(valid, c='k', lw=1, label='validation loss')
         ax.set_xlabel('batch')
-    elif kind == 'stale_bn_stats':
+    elif kind == 'stale_bn_stats' and _cb_df(learn, 'bn_drift', 'precise_df') is not None:
         pdf = learn.bn_drift.precise_df.groupby('epoch')[['valid_loss', 'valid_loss_precise']].first()
         fig, ax = _axes('stale_bn_stats: validation loss')
         ax.plot(pdf.index, pdf['valid_loss'], 'o-', label='running statistics')
         ax.plot(pdf.index, pdf['valid_loss_precise'], 's-', label='population statistics')
         ax.plot(pdf.index, (1 - th['bn_gain']) * pdf['valid_loss'], 'r--', label='threshold')
         ax.set_xlabel('epoch')
-    elif kind == 'dropout_too_strong':
+    elif kind == 'dropout_too_strong' and _cb_df(learn, 'dropout_schedule') is not None:
         ddf = learn.dropout_schedule.df
         fig, ax = _axes('dropout_too_strong: p per layer')
         for layer, g in ddf.groupby('layer', sort=False): ax.plot(g['step'], g['p'], label=str(layer))

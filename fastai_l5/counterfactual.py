@@ -1,0 +1,100 @@
+"""Counterfactuals for `diagnose`: apply a finding's advice to a *copy* of the learner (model and optimizer deep-copied
+together, so the copy's optimizer state points at the copy's parameters) and measure the validation loss it gives.
+The user's model, optimizer state, callbacks, Recorder, dropout p's and random states are left exactly as they were:
+the copy is trained by a plain loop (no fastai event runs), on batches drawn once under `preserved_rng`."""
+from __future__ import annotations
+
+import contextlib
+from copy import deepcopy
+
+import numpy as np
+import torch
+from torch import nn
+
+from .core import unwrap_model
+from .precise import _split, _on_device, _model_device, bn_layers, module_modes, preserved_rng, _pooled_stats, set_flat_stats
+
+__all__ = []
+
+
+def dropout_modules(model):
+    "`(name, module)` for every dropout module of `model` (the unwrapped one)."
+    return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def _batches(learn, dl, n_batches=None, max_rows=None):
+    "The first batches of `dl` as `(xb, yb)` on the model's device: `n_batches` of them, or up to `max_rows` rows."
+    device, out, rows = _model_device(learn), [], 0
+    for b in dl:
+        xb, yb = _split(learn, _on_device(b, device))
+        out.append((xb, yb)); rows += len(yb[0])
+        if (n_batches is not None and len(out) >= n_batches) or (max_rows is not None and rows >= max_rows): break
+    return out
+
+
+class Sandbox:
+    """What the counterfactuals of one `diagnose` call share: `k` training batches to continue on and up to `rows`
+    validation rows to score with, drawn once with every random state put back, and `copy()`, a fresh deep copy of
+    the model and optimizer for each arm. `score(model)` is the mean validation loss over those rows (eval mode,
+    weighted by batch size, as fastai's Recorder), `baseline` the user's model's own score on them."""
+    def __init__(self, learn, k=8, rows=2048):
+        self.learn = learn
+        with preserved_rng(learn.dls.train, learn.dls.valid), module_modes(learn.model):
+            self.train = _batches(learn, learn.dls.train, n_batches=k)
+            self.valid = _batches(learn, learn.dls.valid, max_rows=rows)
+        self._baseline = None
+
+    @property
+    def baseline(self):
+        if self._baseline is None: self._baseline = self.score(self.learn.model)
+        return self._baseline
+
+    def copy(self):
+        "A deep copy `(model, opt)` of the learner's; `opt` is None when the learner has none yet."
+        return deepcopy((self.learn.model, getattr(self.learn, 'opt', None)))
+
+    @torch.no_grad()
+    def score(self, model):
+        if not self.valid: return float('nan')
+        with module_modes(model):
+            model.eval()
+            tot = sum(float(self.learn.loss_func(model(*x), *y)) * len(y[0]) for x, y in self.valid)
+        return tot / sum(len(y[0]) for _, y in self.valid)
+
+    def continued(self, lr=None, ps=None, steps=None):
+        """The score after `steps` (default all the sandbox's) training steps of a copy at `lr` (default the
+        optimizer's last), with every dropout module's p set to `ps` (a float, a dict name -> p, or None: as it is).
+        The copy's optimizer carries on from the user's state (moments, step counts); BN updates its running
+        statistics as in training. Runs with the random states put back afterwards."""
+        model, opt = self.copy()
+        if opt is None: return float('nan')
+        if ps is not None:
+            for name, m in dropout_modules(model):
+                p = ps.get(name) if isinstance(ps, dict) else ps
+                if p is not None: m.p = float(p)
+        if lr is not None: opt.set_hyper('lr', lr)
+        with preserved_rng(self.learn.dls.train), torch.enable_grad():
+            model.train()
+            for x, y in self.train[:steps]:
+                loss = self.learn.loss_func(model(*x), *y)
+                if not torch.isfinite(loss): return float('inf')
+                loss.backward(); opt.step(); opt.zero_grad()
+        return self.score(model)
+
+    def population(self, n_batches=16):
+        """The score of a copy whose BN running statistics are replaced by the population statistics over the
+        sandbox's first `n_batches` training batches (`precise_bn`'s pass, dropout on); NaN without BN layers."""
+        model, _ = self.copy()
+        bns = bn_layers(model)
+        if not len(bns): return float('nan')
+        mods = list(bns.itemgot(1))
+        with preserved_rng(self.learn.dls.train):
+            mean_p, var_p = _pooled_stats(unwrap_model(model), mods, [x for x, _ in self.train[:n_batches]])
+        with torch.no_grad(): set_flat_stats(mods, mean_p, var_p)
+        return self.score(model)
+
+
+def effect_text(before, after, what='valid loss'):
+    "'valid loss 4.65 -> 2.90 (-38%)', or '' when either side is not a finite number."
+    if not (np.isfinite(before) and np.isfinite(after)) or before == 0: return ''
+    return f"{what} {before:.3g} -> {after:.3g} ({100 * (after / before - 1):+.0f}%)"
