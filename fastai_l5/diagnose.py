@@ -39,7 +39,7 @@ THRESHOLDS = dict(
     # lr_too_low, measured: a candidate when the median update/param ratio of the live layers over the last epoch is
     # below `low_ratio` (healthy fits at lr_find's valley: 2.9e-4..1.1e-3 on the suite, tests/diagnose_suite.py; lr
     # 30x below it 2.3e-5..1.3e-4, 100x below 1.1e-5..5.4e-5); then `cf_steps` steps from the final weights on a copy
-    # at 10x and 100x the peak lr against the same steps at the peak lr: a warning when the best lowers the validation
+    # at 10x, 100x and 1000x the peak lr against the same steps at the peak lr: a warning when the best lowers the validation
     # loss by >= `lr_gain` (lr 30-100x too low: 3-44%; healthy runs at 10x: -7%..+210%). Without MomentumLogger the
     # counterfactual alone decides, at `lr_gain_alone`.
     low_ratio=2e-4, lr_gain=0.05, lr_gain_alone=0.15, cf_steps=8,
@@ -166,7 +166,7 @@ def _lr_too_low(learn, mom, th, box):
     lr, n = _peak_lr(learn), _fit_epochs(learn)
     steps = min(th['cf_steps'], len(box.train))
     at_lr = box.continued(lr=lr, steps=steps)
-    tried = {f: box.continued(lr=lr * f, steps=steps) for f in (10, 100)}
+    tried = {f: box.continued(lr=lr * f, steps=steps) for f in (10, 100, 1000)}
     factor = min(tried, key=lambda f: tried[f] if math.isfinite(tried[f]) else math.inf)
     best = tried[factor]
     if not (math.isfinite(at_lr) and math.isfinite(best)): return None
