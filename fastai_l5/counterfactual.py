@@ -22,9 +22,22 @@ def dropout_modules(model):
     return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
 
 
-def _batches(learn, dl, n_batches=None, max_rows=None):
-    "The first batches of `dl` as `(xb, yb)` on the model's device: `n_batches` of them, or up to `max_rows` rows."
-    device, out, rows = _model_device(learn), [], 0
+def _batches(learn, dl, n_batches=None, max_rows=None, shuffle=False):
+    """The first batches of `dl` as `(xb, yb)` on the model's device: `n_batches` of them (of the loader's batch
+    size), or up to `max_rows` rows. A fastai tabular loader is read in one piece (one pandas lookup, not one per
+    batch): the rows of a fixed permutation (seed 0, its own generator) when `shuffle`, else the first rows."""
+    from fastai.tabular.core import TabDataLoader
+    device, bs = _model_device(learn), int(dl.bs)
+    if isinstance(dl, TabDataLoader) and len(dl.dataset):
+        n = len(dl.dataset)
+        want = min(n, n_batches * bs if n_batches is not None else max_rows)
+        idx = np.random.default_rng(0).permutation(n)[:want] if shuffle else np.arange(want)
+        b = _on_device(tuple(dl.after_batch(dl.create_batch(idx))), device)
+        xb, yb = _split(learn, b)
+        size = bs if n_batches is not None else max(bs, 256)
+        return [(tuple(x[i:i + size] for x in xb), tuple(y[i:i + size] for y in yb)) for i in range(0, want, size)
+                if n_batches is None or i + size <= want or i == 0]
+    out, rows = [], 0
     for b in dl:
         xb, yb = _split(learn, _on_device(b, device))
         out.append((xb, yb)); rows += len(yb[0])
@@ -40,7 +53,7 @@ class Sandbox:
     def __init__(self, learn, k=8, rows=2048):
         self.learn = learn
         with preserved_rng(learn.dls.train, learn.dls.valid), module_modes(learn.model):
-            self.train = _batches(learn, learn.dls.train, n_batches=k)
+            self.train = _batches(learn, learn.dls.train, n_batches=k, shuffle=True)
             self.valid = _batches(learn, learn.dls.valid, max_rows=rows)
         self._baseline = None
 

@@ -50,8 +50,8 @@ THRESHOLDS = dict(
     # dropout_too_strong, measured: some layer's p >= `high_p` (the p of the modules, or the last epoch's logged by
     # DropoutSchedule); `drop_steps` steps on a copy at the peak lr with every dropout at `advised_p` against the same
     # steps at the current p's: a warning when the validation loss is >= `drop_gain` lower (p 0.6 that cost >= 1.2x:
-    # 0-12%, most 2-11%; p 0.1 -> 0 on healthy runs: -4%..+0.5%).
-    high_p=0.5, advised_p=0.1, drop_gain=0.02, drop_steps=16,
+    # 0-12%, most 2-11% over 16 steps, so 32; p 0.1 -> 0 on healthy runs: -4%..+0.5%).
+    high_p=0.5, advised_p=0.1, drop_gain=0.02, drop_steps=32,
     # dead_layer: the largest gradient norm a layer got in the last epoch <= `dead_rel` x the median layer's
     # (healthy layers sit within 3 orders of each other; a layer no gradient reaches has exactly 0).
     dead_rel=1e-6,
@@ -62,7 +62,7 @@ THRESHOLDS = dict(
     # batch_size (info): B_simple from `noise_pairs` training batches, each cut into `noise_split` chunks whose
     # gradients give |G|^2 and tr(Sigma) (their mean and spread), with a jackknife interval over the batches; the batch
     # is called too large above `bs_factor` x the interval's top, too small below 1/`bs_factor` x its bottom.
-    noise_pairs=8, noise_split=8, bs_factor=4.,
+    noise_pairs=8, noise_split=4, bs_factor=4.,
     # worse_than_baseline: also needs the task metric (accuracy) no better than the majority class's by more than
     # `acc_margin` binomial standard errors of the validation accuracy.
     acc_margin=2.,

@@ -339,8 +339,21 @@ def test_measuring_leaves_the_learner_untouched():
     params = [p for p in model.parameters()]
     for p in params: p.grad = torch.full_like(p, 0.5)
     rng, dl_rng = torch.get_rng_state(), learn.dls.train.rng.getstate()
-    diagnose(learn)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    np_rng, valid_rng = np.random.get_state()[1].copy(), learn.dls.valid.rng.getstate()
+    opt = {(i, k): (v.clone() if torch.is_tensor(v) else v) for i, p in enumerate(params) for k, v in learn.opt.state[p].items()}
+    opt_hypers = [dict(h) for h in learn.opt.hypers]
+    rec = (list(learn.recorder.losses), [list(v) for v in learn.recorder.values], list(learn.recorder.lrs))
+    cbs = list(learn.cbs)
+    f = diagnose(learn)
+    assert (f['effect'] != '').any()   # counterfactuals ran (dropout p=0.9 here)
+    assert len(opt) > len(params)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # weights and BN buffers
+    after = {(i, k): v for i, p in enumerate(params) for k, v in learn.opt.state[p].items()}
+    assert opt.keys() == after.keys() and all(torch.equal(v, after[k]) if torch.is_tensor(v) else v == after[k]
+                                                 for k, v in opt.items())
+    assert [dict(h) for h in learn.opt.hypers] == opt_hypers and list(learn.cbs) == cbs
+    assert (list(learn.recorder.losses), [list(v) for v in learn.recorder.values], list(learn.recorder.lrs)) == rec
+    assert (np.random.get_state()[1] == np_rng).all() and learn.dls.valid.rng.getstate() == valid_rng
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)
     assert all(m.training for m in model.modules())
     assert all(m.p == 0.37 for m in model.modules() if isinstance(m, nn.Dropout))
