@@ -49,9 +49,9 @@ THRESHOLDS = dict(
     bn_gain=0.1, pop_batches=16,
     # dropout_too_strong, measured: some layer's p >= `high_p` (the p of the modules, or the last epoch's logged by
     # DropoutSchedule); `drop_steps` steps on a copy at the peak lr with every dropout at `advised_p` against the same
-    # steps at the current p's: a warning when the validation loss is >= `drop_gain` lower (p 0.6 that cost >= 1.2x:
-    # 0-12%, most 2-11% over 16 steps, so 32; p 0.1 -> 0 on healthy runs: -4%..+0.5%).
-    high_p=0.5, advised_p=0.1, drop_gain=0.02, drop_steps=32,
+    # steps at the current p's: a warning when the validation loss is >= `drop_gain` lower (p 0.5-0.7 that cost
+    # >= 1.2x: 1-11% over 32 steps; p 0.1 -> 0 on healthy runs: -4%..+0.5%; p 0.7 on 70% permuted labels, no harm: 3%).
+    high_p=0.5, advised_p=0.1, drop_gain=0.01, drop_steps=32,
     # dead_layer: the largest gradient norm a layer got in the last epoch <= `dead_rel` x the median layer's
     # (healthy layers sit within 3 orders of each other; a layer no gradient reaches has exactly 0).
     dead_rel=1e-6,
