@@ -423,3 +423,33 @@ def test_report_opens_with_findings_and_the_command_prints_them(tmp_path, capsys
     csv = pd.read_csv(tmp_path / 'd' / 'findings.csv', keep_default_na=False)
     assert len(csv) and set(csv.severity) <= {'warn', 'info', 'ok'}   # the demo's fit was diagnosed, not reset away
     assert all(f"] {k}" in out for k in csv['kind'])
+
+
+def test_worse_than_baseline_judges_the_metric_too():
+    """A loss no better than a constant's with an accuracy that clearly beats the majority class is an info about
+    calibration, never "no better than a constant"; within the accuracy's noise it stays a warning."""
+    learn, _ = sick('worse_than_baseline/flights/sgd')
+    base, base_acc = baseline_loss(learn)
+    n = len(learn.dls.valid_ds)
+    se = math.sqrt(base_acc * (1 - base_acc) / n)
+    saved = list(learn.recorder.values[-1])
+    try:
+        learn.recorder.values[-1] = [saved[0], 1.2 * base, base_acc + 3 * se]
+        r = row(diagnose(learn), 'worse_than_baseline')
+        assert r['severity'] == 'info' and 'no better than' in r['evidence'] and 'beats' in r['evidence']
+        learn.recorder.values[-1] = [saved[0], 1.2 * base, base_acc + 1 * se]
+        assert row(diagnose(learn), 'worse_than_baseline')['severity'] == 'warn'
+    finally: learn.recorder.values[-1] = saved
+
+
+def test_stale_bn_without_bn_callbacks_and_causes_first():
+    """Measured on a copy, stale BN needs no BN callback; when it explains a loss no better than a constant's, it is
+    ranked first and the symptom row says so."""
+    learn = fitted('flights', 'adam', 3e-3, epochs=1, n_rows=2000, bs=128, cbs=False, bn_mom=1e-3)
+    f = diagnose(learn)
+    assert f['kind'].iloc[0] == 'stale_bn_stats' and f['severity'].iloc[0] == 'warn'
+    assert 'from 0.001 to 0.1' in f['advice'].iloc[0]
+    w = f[f['kind'] == 'worse_than_baseline']
+    if len(w): assert 'stale BN statistics explain it' in w['evidence'].iloc[0] or w['severity'].iloc[0] == 'warn'
+    healthy_learn, g = healthy('flights/adam')
+    assert not (g['advice'].str.contains('momentum from 0.1')).any()   # never advise the value in use
