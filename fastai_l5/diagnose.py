@@ -31,11 +31,13 @@ COLUMNS = ['kind', 'severity', 'where', 'evidence', 'advice', 'effect']
 THRESHOLDS = dict(
     # lr_too_high, three ways. A non-finite loss is divergence. Or the smoothed training loss ends >= `rise` x
     # its minimum in the fit (healthy runs end at their minimum) and either >= `explode` x where it started or
-    # while momentum and gradient fight over the last epoch: mean cos(m, g) < `fight_cos` (healthy 0.31-0.56) or
-    # mean sign_flip > `fight_flip` (healthy 0.26-0.38). Or, after >= `few_steps` steps, it ends above its first
+    # while momentum and gradient fight over the last epoch: mean cos(m_{t-1}, g) < `fight_cos` or mean sign_flip >
+    # `fight_flip` (re-derived when MomentumLogger moved to the momentum before the step, on tests/diagnose_suite.py's
+    # data: healthy fits cos 0.09-0.25, flip 0.32-0.41; lr 300x lr_find's valley, loss 2.6-8.9x its minimum: cos
+    # -0.15-0.08, flip 0.36-0.45). Or, after >= `few_steps` steps, it ends above its first
     # value while the validation loss is >= `worse` x a constant predictor's (lr 1000x too high: 2.1-50x; the
     # same nets after one step, 1.07-1.33x) and lr_too_low does not hold: the steps made the model worse.
-    rise=1.5, explode=2., fight_cos=0.2, fight_flip=0.45, worse=1.5,
+    rise=1.5, explode=2., fight_cos=0.05, fight_flip=0.45, worse=1.5,
     # lr_too_low, measured: a candidate when the median update/param ratio of the live layers over the last epoch is
     # below `low_ratio` (healthy fits at lr_find's valley: 2.9e-4..1.1e-3 on the suite, tests/diagnose_suite.py; lr
     # 30x below it 2.3e-5..1.3e-4, 100x below 1.1e-5..5.4e-5); then `cf_steps` steps from the final weights on a copy

@@ -159,11 +159,11 @@ def row(f, kind): return f[f['kind'] == kind].iloc[0]
 
 def test_evidence_lr_too_high_rose():
     """The three ways a finite run is caught hold their numbers: it exploded (seed 2), momentum and gradient
-    fought (seed 5), or it ended worse than it began and than a constant (seed 0)."""
+    fought (seed 5), or it ended worse than it began and than a constant (seed 1; seeds chosen after MomentumLogger
+    moved to the momentum before the step and `fight_cos` with it)."""
     seen = set()
-    for seed in (0, 2, 5):
-        learn, f = sick('lr_too_high/diamonds/adam') if seed == 0 else (None, None)
-        if learn is None: learn = fitted('diamonds', 'adam', 3., seed=seed); f = diagnose(learn)
+    for seed in (1, 2, 5):
+        learn = fitted('diamonds', 'adam', 3., seed=seed); f = diagnose(learn)
         ev = row(f, 'lr_too_high')['evidence']
         losses = np.array([float(v) for v in learn.recorder.losses])
         mom = _last_epoch_rows(learn.momentum_logger.df)
