@@ -188,6 +188,7 @@ LEGEND = {
     'where': ('the layer or feature the finding is about; empty for the whole model', '07_diagnose'),
     'evidence': ('the measured numbers behind the finding', '07_diagnose'),
     'advice': ('what to do about it, with the code', '07_diagnose'),
+    'effect': ('the validation loss measured with the advice applied to a copy of the learner', '07_diagnose'),
     'param': ('the parameter tensor', '01_optim'),
     'numel': ('number of entries of the tensor', '01_optim'),
     'mom': ("the parameter group's momentum hyper-parameter now", '01_optim'),
