@@ -128,7 +128,10 @@ def run(name, seed, kind, epochs=4, lr=None, new_df=None, **kw):
     t = time.perf_counter()
     f = diagnose(learn, new_df)
     diag_s = time.perf_counter() - t
-    return learn, f, dict(data=name, seed=seed, kind=kind, steps=len(learn.recorder.losses),
+    bs_row = f[f.kind == 'batch_size']
+    adv = [int(x) for x in bs_row['advice'].str.extract(r'bs=(\d+)')[0].dropna()] if len(bs_row) else []
+    bs_ok = len(adv) == 1 and 8 <= adv[0] <= max(8, len(learn.dls.train_ds) // 4) and adv[0] != learn.dls.train.bs
+    return learn, f, dict(data=name, seed=seed, kind=kind, steps=len(learn.recorder.losses), bs_ok=bs_ok,
                           valid=float(learn.recorder.values[-1][1]), fit_s=fit_s, diag_s=diag_s,
                           warns=','.join(sorted(set(f.loc[f.severity == 'warn', 'kind']))))
 
@@ -208,7 +211,7 @@ def table(runs):
     for kind, g in runs.groupby('kind', sort=False):
         if kind in bar:
             hurt = g['hurt'] >= bar[kind]
-            det, fa = g.loc[hurt, 'named'].mean(), int(g.loc[~hurt, 'named'].sum())
+            det, fa = g.loc[hurt, 'named'].mean(), int(g.loc[~hurt, 'named'].sum())  # false alarm: named, did not hurt
             row = dict(kind=kind, runs=len(g), hurt=int(hurt.sum()), detected=f"{int(g.loc[hurt, 'named'].sum())}/{int(hurt.sum())}",
                        rate=det, false_alarms=f"{fa}/{int((~hurt).sum())}",
                        cost=f"{g['hurt'].min():.2f}-{g['hurt'].max():.2f}x")
@@ -228,6 +231,9 @@ def table(runs):
     share = (fits['diag_s'] / fits['fit_s'])
     hl = fits[fits.kind == 'healthy']
     hs = hl['diag_s'] / hl['fit_s']
+    bs = fits['bs_ok'].astype(bool)
+    out.append(dict(kind='batch_size advice in [8, n/4] and != bs', runs=len(fits), detected=f"{int(bs.sum())}/{len(fits)}",
+                    rate=bs.mean(), false_alarms='', cost='', effects=''))
     cost = pd.DataFrame([dict(kind='diagnose cost / fit time', runs=len(fits),
                               detected=f"healthy: min {hs.min():.1%} median {hs.median():.1%} max {hs.max():.1%}",
                               false_alarms=f"all fits: median {share.median():.1%} max {share.max():.1%}")])
