@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from fastai_l5._docs import build_site
+from fastai_l5._docs import build_site, execute_notebooks
 from fastai_l5.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,3 +205,21 @@ def test_refuses_a_folder_that_is_not_a_site(tmp_path, monkeypatch, capsys):
     assert 'not empty' in capsys.readouterr().err and (mine/'thesis.txt').read_text() == 'precious'
     with pytest.raises(FileNotFoundError, match='no docs sources.*run `fastai-l5 docs` from its root'):
         build_site('no_such_nbs', tmp_path/'site')
+
+
+@pytest.mark.slow
+def test_notebooks_run_side_by_side_into_the_cache_once(tmp_path):
+    "Two notebooks at a time: each is stored in the cache (or its error returned), and a second call runs none."
+    nbs = tmp_path/'nbs'
+    nbs.mkdir()
+    kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
+    nbformat.write(new_notebook(cells=[new_code_cell('import os; os.environ["OMP_NUM_THREADS"]')], metadata=kernel), nbs/'a.ipynb')
+    nbformat.write(new_notebook(cells=[new_code_cell('1/0')], metadata=kernel), nbs/'b.ipynb')
+    paths, lines = sorted(nbs.glob('*.ipynb')), []
+    errors, seconds = execute_notebooks(paths, tmp_path/'cache', jobs=2, copies=tmp_path, progress=lines.append)
+    assert set(errors) == {'b.ipynb'} and 'ZeroDivisionError' in errors['b.ipynb']
+    assert set(seconds) == {'a.ipynb', 'b.ipynb'} and sorted(l.split(':')[0] for l in lines) == ['a.ipynb', 'b.ipynb']
+    out = nbformat.read(tmp_path/'a.ipynb', as_version=4).cells[0].outputs
+    assert out[0]['data']['text/plain'] == repr(os.environ.get('OMP_NUM_THREADS', '1'))   # one torch thread unless set
+    errors, seconds = execute_notebooks(paths[:1], tmp_path/'cache', progress=lines.append)
+    assert errors == {} and seconds == {} and len(lines) == 2      # a.ipynb came from the cache
