@@ -99,9 +99,9 @@ def test_report_on_a_users_csv(tmp_path):
     assert 'What was trained' in page and 'identifier-like' in page and 'lr_find' not in page
 
 
-def test_version():
-    res = run_cli('--version')
-    assert res.returncode == 0 and res.stdout.strip() == f'fastai-l5 {__version__}'
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit: main(['--version'])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f'fastai-l5 {__version__}'
 
 
 def run_main(args, cwd, monkeypatch, capsys):
