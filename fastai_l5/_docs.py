@@ -92,10 +92,10 @@ def execute_notebook(path, timeout=900):
 
 def _execute_one(path):
     "In a worker process: `(executed notebook or None, error text or None, seconds)` for the notebook at `path`."
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     start = time.perf_counter()
     try: return execute_notebook(path), None, time.perf_counter() - start
-    except (CellExecutionError, CellTimeoutError) as e:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:   # a cell raised, ran too long, or killed the kernel
         return None, re.sub(r'\x1b\[[0-9;]*m', '', str(e)), time.perf_counter() - start
 
 
@@ -121,7 +121,7 @@ def execute_notebooks(paths, cache, jobs=None, copies=None, progress=None):
         for done in as_completed(running):
             path = running[done]
             nb, error, seconds[path.name] = done.result()
-            if progress: progress(f"{path.name}: {'a cell raised' if error else 'executed'} in {seconds[path.name]:.1f} s")
+            if progress: progress(f"{path.name}: {'failed' if error else 'executed'} in {seconds[path.name]:.1f} s")
             if error: errors[path.name] = error; continue
             if copies: nbformat.write(nb, Path(copies)/path.name)
             store.cache_notebook_bundle(CacheBundleIn(nb, str(path), data={'execution_seconds': seconds[path.name]}),
