@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastai_l5.bench_diagnose import bench_diagnose_cost
+from fastai_l5.bench.diagnose_cost import bench_diagnose_cost
 
 
 @pytest.mark.slow

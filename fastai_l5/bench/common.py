@@ -47,6 +47,9 @@ class BenchConfig:
     row_counts: list = field(default_factory=lambda: [10_000, 40_000])
     scale_rounds: int = 3
     scale_warmup: int = 1
+    diag_rows: int = 4000                # diagnose section: diamonds rows, epochs (150 steps at bs 64) and fits
+    diag_epochs: int = 3
+    diag_rounds: int = 5
     is_quick: bool = False
 
     @classmethod
@@ -54,7 +57,8 @@ class BenchConfig:
         "Tiny sizes, one round, one thread: checks that everything runs in about a minute; its numbers mean nothing."
         return cls(**{**dict(n_rows=3_000, bs=256, layers=[40, 20], rounds=1, warmup=0, threads=(1,), deep_widths=[16],
                              opt_rounds=2, opt_steps=5, opt_warmup=1, pbn_batches=5, pbn_rounds=1, scale_rows=1_500,
-                             widths=[[20, 10]], row_counts=[1_500], scale_rounds=1, scale_warmup=0, is_quick=True),
+                             widths=[[20, 10]], row_counts=[1_500], scale_rounds=1, scale_warmup=0, diag_rows=1500,
+                             diag_epochs=1, diag_rounds=1, is_quick=True),
                       **kwargs})
 
 

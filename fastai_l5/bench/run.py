@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import example_dls
-from . import memory, optimizer, overhead, precise_bn, scaling
+from . import diagnose_cost, memory, optimizer, overhead, precise_bn, scaling
 from .common import BenchConfig, load_avg, log, machine_info
 from .fits import learner
 from .output import print_results, write_results
@@ -43,6 +43,8 @@ SECTIONS = {s.name: s for s in [
     Section('precise_bn', '3. precise_bn vs a no-grad forward over the same batches', precise_bn.section),
     Section('memory', '4. Memory: logs per 1,000 steps and learn.export() size', memory.section, needs=('overhead',)),
     Section('scaling', '5. Scaling: all three callbacks vs plain, by model width and by rows', scaling.section),
+    Section('diagnose', '6. diagnose: its time (counterfactuals included) as a share of the fit it diagnoses',
+            diagnose_cost.section),
 ]}
 
 

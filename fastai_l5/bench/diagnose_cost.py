@@ -1,4 +1,5 @@
-"""What `diagnose` costs: its time as a share of the fit it diagnoses, with its noise over several rounds."""
+"""Section 6, `diagnose`: what `diagnose` (with its counterfactuals on copies of the learner) costs, as a share of
+the time of the fit it diagnoses, with its noise over several rounds (a fresh fit each round)."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,21 @@ import time
 import numpy as np
 import pandas as pd
 
-__all__ = ['bench_diagnose_cost']
+from .common import judged, log
+
+__all__ = ['section', 'bench_diagnose_cost', 'DIAGNOSE_TARGET']
+
+DIAGNOSE_TARGET = 0.15   # issue 21: diagnose at most 15% of the fit's time on a fit of 150+ steps
+
+
+def section(run):
+    "The registry's entry (see `fastai_l5.bench.run`): the summary row, judged on the median share."
+    cfg = run.cfg
+    log(f"diagnose: {cfg.diag_rounds} fits of {cfg.diag_epochs} epochs on {cfg.diag_rows} diamonds rows, each diagnosed")
+    df = bench_diagnose_cost(n_rows=cfg.diag_rows, epochs=cfg.diag_epochs, rounds=cfg.diag_rounds)
+    summary = df.iloc[[-1]].drop(columns='round').reset_index(drop=True)
+    return summary.assign(rounds=cfg.diag_rounds,
+                          **judged(float(summary['share'].iloc[0]), DIAGNOSE_TARGET, f'share <= {DIAGNOSE_TARGET:.0%}'))
 
 
 def bench_diagnose_cost(name='diamonds', n_rows=4000, bs=64, epochs=3, lr=3e-3, rounds=3, seed=0):
@@ -17,12 +32,12 @@ def bench_diagnose_cost(name='diamonds', n_rows=4000, bs=64, epochs=3, lr=3e-3, 
     from fastai.metrics import accuracy, rmse
     from fastai.tabular.all import tabular_config, tabular_learner
     from fastai.torch_core import set_seed
-    from .batchnorm import BNDrift
-    from .data import example_dls
-    from .diagnose import diagnose
-    from .dropout import DropoutSchedule
-    from .momentum import MomentumLogger
-    from .optim import adam
+    from ..batchnorm import BNDrift
+    from ..data import example_dls
+    from ..diagnose import diagnose
+    from ..dropout import DropoutSchedule
+    from ..momentum import MomentumLogger
+    from ..optim import adam
     if rounds < 1: raise ValueError(f"rounds={rounds!r} must be >= 1")
     dls = example_dls(name, n_rows=n_rows, bs=bs, seed=seed)
     rows = []
