@@ -9,4 +9,5 @@ from .precise import *
 from .batchnorm import *
 from .distributed import *
 from .diagnose import *
+from .audit import *
 from .loggers import *

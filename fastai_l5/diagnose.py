@@ -17,6 +17,7 @@ from fastcore.foundation import L
 from matplotlib.figure import Figure
 from torch import nn
 
+from .audit import audit_findings
 from .core import unwrap_model
 from .precise import module_modes, preserved_rng
 
@@ -406,6 +407,7 @@ def diagnose(learn, new_df=None, thresholds=None):
     if new_df is not None: rows += _data_shift(learn, new_df)
     rows.append(_worse_than_baseline(learn, th))
     rows.append(_batch_size(learn, th))
+    rows += audit_findings(learn)  # issue 23: target_leak, worse_than_linear, class_imbalance, small_validation
     rows = [r for r in rows if r is not None]
     if not any(r['severity'] == 'warn' for r in rows):
         valid = _epoch_value(learn, 'valid_loss')
