@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['AUDIT_THRESHOLDS', 'target_leak', 'design_matrix', 'linear_baseline', 'classification_scores', 'value_ci',
-           'balanced_class_weights', 'audit_findings']
+           'balanced_class_weights', 'audit', 'audit_findings']
 
 AUDIT_THRESHOLDS = dict(
     # target_leak: held-out R² of least squares on <= leak_cols numeric columns, or of a categorical's level means;

@@ -160,8 +160,9 @@ class TabularRecipe:
 
     def dls(self):
         "`TabularDataLoaders` with `Categorify`, `FillMissing` and `Normalize`, this recipe's split and `bs`."
-        return TabularDataLoaders.from_df(self.df, procs=[Categorify, FillMissing, Normalize], cat_names=self.cat_names,
-                                          cont_names=self.cont_names, y_names=self.target, valid_idx=self.valid_idx,
+        # copies: FillMissing appends its `_na` columns to the list it is given
+        return TabularDataLoaders.from_df(self.df, procs=[Categorify, FillMissing, Normalize], cat_names=list(self.cat_names),
+                                          cont_names=list(self.cont_names), y_names=self.target, valid_idx=self.valid_idx,
                                           y_block=RegressionBlock() if self.is_regression else CategoryBlock(), bs=self.bs)
 
     def y_range(self):

