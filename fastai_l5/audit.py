@@ -361,8 +361,8 @@ def balanced_class_weights(y, classes):
 def _learner_data(learn):
     """What the audit reads from a learner: the processed training and validation inputs, the targets on the
     original scale, the class names, the network's validation predictions (and probabilities), and the names the
-    user knows the columns by. A learner from `train_recipe` carries these (`l5_audit`); any other tabular learner
-    has them computed from its `dls` (its validation predictions by `get_preds`)."""
+    user knows the columns by (a learner from `train_recipe` holds its recipe: targets on the original scale); the
+    predictions come from `get_preds` on the weights as they are now."""
     dls = learn.dls
     recipe = getattr(learn, 'l5_recipe', None)
     cats, conts = list(dls.cat_names), list(dls.cont_names)
@@ -377,22 +377,20 @@ def _learner_data(learn):
         if not regression:
             vocab = np.asarray(dls.vocab)
             y_tr, y_va = vocab[y_tr.astype(int)], vocab[y_va.astype(int)]
-    preds = getattr(learn, 'l5_preds', None)
-    proba = getattr(learn, 'l5_proba', None)
-    if preds is None:
-        with learn.removed_cbs(learn.recorder): raw, _ = learn.get_preds(dl=dls.valid)
-        if regression:
-            tt = getattr(recipe, 'target_transform', None)
-            p = raw.float().view(-1).numpy().astype(float)
-            pred = tt.decode(p) if tt is not None else p
-        else:
-            proba = raw.float().numpy()
-            pred = np.asarray(dls.vocab)[proba.argmax(1)]
-        preds = pd.DataFrame({'target': y_va, 'prediction': pred})
+    # the validation predictions of the weights as they are now (without the Recorder, whose history diagnose reads)
+    with learn.removed_cbs(learn.recorder): raw, _ = learn.get_preds(dl=dls.valid)
+    proba = None
+    if regression:
+        tt = getattr(recipe, 'target_transform', None)
+        pred = raw.float().view(-1).numpy().astype(float)
+        if tt is not None: pred = tt.decode(pred)
+    else:
+        proba = raw.float().numpy()
+        pred = np.asarray(dls.vocab)[proba.argmax(1)]
     classes = None if regression else [str(c) for c in dls.vocab]
     names = getattr(recipe, 'names', {}) if recipe is not None else {}
     return dict(train=train, valid=valid, cats=cats, conts=conts, y_tr=y_tr, y_va=y_va, regression=regression,
-                classes=classes, pred=preds['prediction'].to_numpy(), proba=proba, names=names,
+                classes=classes, pred=pred, proba=proba, names=names,
                 log_too=recipe is not None and recipe.target_transform.kind == 'log')
 
 
@@ -401,7 +399,7 @@ def audit(learn, thresholds=None):
     (`linear_baseline`'s dict), `leaks` (`target_leak`'s findings on the training rows) and, for classification,
     `scores` (`classification_scores`). Cached on the learner as `l5_audit` (a learner from `train_recipe` has it)."""
     cached = getattr(learn, 'l5_audit', None)
-    if cached is not None: return cached
+    if cached is not None and getattr(learn, 'l5_audit_key', None) == fit_key(learn): return cached
     d = _learner_data(learn)
     metric = 'rmse' if d['regression'] else 'accuracy'
     value = _metric_fn(metric)(d['y_va'], d['pred'])
@@ -418,8 +416,14 @@ def audit(learn, thresholds=None):
     if not d['regression']:
         out['scores'] = classification_scores(d['y_va'], d['pred'], d['classes'], d['proba'])
         out['train_counts'] = pd.Series(d['y_tr'].astype(str)).value_counts().to_dict()
-    learn.l5_audit = out
+    learn.l5_audit, learn.l5_audit_key = out, fit_key(learn)
     return out
+
+
+def fit_key(learn):
+    "What identifies the weights the audit scored: the model and the sum of its last parameter (any step changes it)."
+    last = list(learn.model.parameters())[-1]
+    return id(learn.model), float(last.detach().double().sum())
 
 
 def audit_findings(learn, thresholds=None):

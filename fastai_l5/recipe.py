@@ -47,7 +47,7 @@ def fit_size_reason(n_train, bs=None, epochs=None):
     out_bs, out_epochs = fit_size(n_train, bs, epochs)
     if bs is None:
         raw = 2 ** round(math.log2(max(n_train, 1) / STEPS_PER_EPOCH))
-        why = f'rule: 2^round(log2(rows/{STEPS_PER_EPOCH})) = {raw}'
+        why = f'rule: 2^round(log2(rows/{STEPS_PER_EPOCH})) = {raw:g}'
         if raw < MIN_BS: why += f', raised to the minimum {MIN_BS}'
         if raw > MAX_BS: why += f', lowered to the maximum {MAX_BS}'
     else: why = 'given'

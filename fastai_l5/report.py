@@ -22,7 +22,7 @@ from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 from fastcore.foundation import L
 
-from .audit import balanced_class_weights, classification_scores, linear_baseline, target_leak, value_ci
+from .audit import balanced_class_weights, classification_scores, fit_key, linear_baseline, target_leak, value_ci
 from .batchnorm import BNDrift
 from .core import StepCallback, new_figure
 from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_html, findings_section
@@ -186,6 +186,7 @@ def train_recipe(recipe, lr=None, progress=None, seed=42, threads=None, class_we
     finally: torch.set_num_threads(before)
     learn.l5_recipe, learn.l5_proba, learn.l5_threads_given = recipe, proba, threads_given
     learn.l5_audit = a = _audit(learn, recipe, value, proba, leaks)
+    learn.l5_audit_key = fit_key(learn)
     learn.l5_summary = dict(task=recipe.task, target=recipe.user_name(recipe.target),
                             metric='rmse' if recipe.is_regression else 'accuracy', value=value, baseline=recipe.baseline(),
                             target_transform=recipe.target_transform.kind, bs=recipe.bs, epochs=recipe.epochs, lr=lr,
