@@ -63,8 +63,13 @@ def test_the_recipe_reads_the_data(csv_dir):
     assert recipe.n_missing_target > 0 and len(recipe.df) + recipe.n_missing_target == 3000
     y_train = recipe.df[target].iloc[recipe.train_idx]
     assert y_train.mean() == pytest.approx(0, abs=1e-4) and y_train.std() == pytest.approx(1, abs=1e-3)
-    lo, hi = recipe.y_range()
-    assert lo < y_train.min() and y_train.max() < hi < 50
+    # arr_delay is heavy-tailed (its IQR a few % of its range): no y_range, a sigmoid would squeeze the bulk
+    assert recipe.tail_share() < 0.1 and recipe.y_range() is None
+    assert any('no y_range: the middle half of the training targets spans' in text for _, text in recipe.describe())
+    boston = tabular_recipe(read_table(write_csv(csv_dir, 'boston')[0]), 'medv')
+    y = boston.df['medv'].iloc[boston.train_idx]
+    lo, hi = boston.y_range()
+    assert boston.tail_share() > 0.1 and lo < y.min() and y.max() < hi < 5   # log(medv): the range 5% wider
 
 
 def test_target_scale_and_its_inverse():
