@@ -238,15 +238,17 @@ def _ridge_path(X, y, alphas):
     return out
 
 
-def _fit_logistic(X, y, n_classes, alpha, max_iter=200):
-    "Multinomial logistic regression, penalty alpha·‖W‖²/2 on the mean cross-entropy, by L-BFGS; returns (W, b)."
+def _fit_logistic(X, y, n_classes, alpha, max_iter=200, weight=None):
+    """Multinomial logistic regression, penalty alpha·‖W‖²/2 on the mean cross-entropy (weighted per class by
+    `weight`, as torch's `cross_entropy` does), by L-BFGS; returns (W, b)."""
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float64)
     Xt, yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y, dtype=torch.long)
     W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], max_iter=max_iter, line_search_fn='strong_wolfe')
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(Xt @ W + b, yt) + alpha / 2 * (W ** 2).sum()
+        loss = F.cross_entropy(Xt @ W + b, yt, weight=weight) + alpha / 2 * (W ** 2).sum()
         loss.backward()
         return loss
     opt.step(closure)
@@ -260,13 +262,15 @@ def _softmax(z):
 
 
 def linear_baseline(train, valid, target, cat_names=(), cont_names=(), task='regression', y_train=None, y_valid=None,
-                    log_too=False, classes=None, max_levels=50, seed=0):
+                    log_too=False, classes=None, class_weights=None, max_levels=50, seed=0):
     """The linear model a network should beat, on the same inputs and split (see the module docstring): ridge
     regression (`task='regression'`) or L2 logistic regression, penalty chosen on an inner split of `train`.
     Targets are `train[target]`/`valid[target]` unless `y_train`/`y_valid` are given (original scale); `log_too`
     also tries a fit on log(y). Returns a dict: `value` (rmse or accuracy on `valid`), `metric`, `pred` (validation
     predictions, original scale, or class labels), `proba` (classification: validation probabilities, one column
-    per class of `classes`), `alpha`, `scale` ('original' or 'log'), `n_features`, `describe` (one line)."""
+    per class of `classes`), `alpha`, `scale` ('original' or 'log'), `n_features`, `describe` (one line).
+    `class_weights` (one per class of `classes`) weighs the logistic loss as the network's was weighed; a
+    classification also returns `balanced_accuracy`."""
     y_tr = np.asarray(train[target] if y_train is None else y_train)
     y_va = np.asarray(valid[target] if y_valid is None else y_valid)
     X_tr, (X_va,), feats = design_matrix(train, [valid], cat_names, cont_names, max_levels)
@@ -292,18 +296,20 @@ def linear_baseline(train, valid, target, cat_names=(), cont_names=(), task='reg
     t_tr = np.array([index[str(v)] for v in y_tr])
     best = None
     for a in LOGISTIC_ALPHAS:
-        W, b = _fit_logistic(X_tr[fit], t_tr[fit], len(classes), a)
+        W, b = _fit_logistic(X_tr[fit], t_tr[fit], len(classes), a, weight=class_weights)
         p = _softmax(X_tr[held].astype(np.float64) @ W + b)
         loss = float(-np.log(np.clip(p[np.arange(len(held)), t_tr[held]], 1e-12, None)).mean())
         if best is None or loss < best[0]: best = (loss, a)
     a = best[1]
-    W, b = _fit_logistic(X_tr, t_tr, len(classes), a)
+    W, b = _fit_logistic(X_tr, t_tr, len(classes), a, weight=class_weights)
     proba = _softmax(X_va.astype(np.float64) @ W + b)
     pred = np.asarray(classes)[proba.argmax(1)]
     value = float((pred == y_va.astype(str)).mean())
-    return dict(value=value, metric='accuracy', pred=pred, proba=proba, alpha=a, scale='original',
-                n_features=len(feats), describe=f"logistic regression on {len(feats)} features (L2 alpha={a:g}, chosen "
-                                                f"on an inner split): accuracy {value:.4g}")
+    weighted = ', class-weighted loss' if class_weights is not None else ''
+    return dict(value=value, metric='accuracy', pred=pred, proba=proba, alpha=a, scale='original', n_features=len(feats),
+                balanced_accuracy=classification_scores(y_va, pred, classes)['balanced_accuracy'],
+                describe=f"logistic regression on {len(feats)} features (L2 alpha={a:g}, chosen on an inner split"
+                         f"{weighted}): accuracy {value:.4g}")
 
 
 def classification_scores(truth, pred, classes, proba=None):
@@ -434,10 +440,13 @@ def audit_findings(learn, thresholds=None):
     a = audit(learn, thresholds)
     rows = list(a['leaks'])
     value, lin, (lo, hi), metric = a['value'], a['linear']['value'], a['value_ci'], a['metric']
+    name, ours = metric, value
+    if a.get('weighted'):  # a class-weighted loss aims at balanced accuracy: compare that, with a weighted linear model
+        name, ours, lin = 'balanced accuracy', a['scores']['balanced_accuracy'], a['linear']['balanced_accuracy']
     if metric == 'rmse': worse = value > (1 + th['linear_tol']) * lin
-    else: worse = value < lin - th['linear_tol']
+    else: worse = ours < lin - th['linear_tol']
     if worse:
-        rows.append(_finding('worse_than_linear', 'warn', '', f"the network's validation {metric} {value:.4g} is worse "
+        rows.append(_finding('worse_than_linear', 'warn', '', f"the network's validation {name} {ours:.4g} is worse "
                              f"than the {lin:.4g} of {a['linear']['describe'].split(':')[0]} on the same rows.",
                              "use the linear model, or give the network what it lacks: more epochs (`--epochs`), a "
                              "lower or higher lr (`--lr`), and see the other findings (leaks, outliers in the target)"))

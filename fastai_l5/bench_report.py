@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ['bench_report_threads']
+__all__ = ['bench_report_threads', 'cpu_load']
 
 _BUSY = 'while True: pass'
 
@@ -25,7 +25,7 @@ def cpu_load(n):
     procs = [subprocess.Popen([sys.executable, '-c', _BUSY]) for _ in range(n)]
     try:
         time.sleep(0.5 if n else 0)
-        yield
+        yield procs
     finally:
         for p in procs: p.kill()
         for p in procs: p.wait()

