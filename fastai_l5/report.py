@@ -1,7 +1,9 @@
 """The instrumented training run behind `fastai-l5 demo` and `fastai-l5 report`: a `tabular_learner`
 on a `TabularRecipe` (see `fastai_l5.recipe`) with every fastai_l5 callback attached, trained with
-`fit_one_cycle` at the lr `lr_find` suggests, scored against a constant predictor, then written out as an
-HTML report ("What was trained", PNG plots, CSV logs with a legend for every column) and `summary.json`."""
+`fit_one_cycle` at the lr `lr_find` suggests, scored against a constant predictor and a linear model (with a
+bootstrap interval and, for a classification, per-class scores: `fastai_l5.audit`), then written out as an HTML
+report (the Findings, "What was trained", PNG plots, CSV logs with a legend for every column), `summary.json`,
+`findings.csv` and `predictions.csv`. Leaks are looked for before the fit and printed first; the fit goes on."""
 from __future__ import annotations
 
 import html

@@ -61,6 +61,13 @@ def test_a_constant_target_is_a_one_line_error_before_training(tmp_path, capsys,
                         r"column that varies\n", err), err
 
 
+def test_class_weights_need_a_classification(tmp_path, capsys):
+    path = write(tmp_path, 'datasets', 'mtcars')
+    code, out, err, folder = report(capsys, path, '--target', 'mpg', '--class-weights')
+    assert code == 2 and not folder.exists()
+    assert err == "fastai-l5 report: error: --class-weights needs a classification target; 'mpg' is a regression\n"
+
+
 def test_a_semicolon_file_is_read_and_a_wrong_sep_is_named(tmp_path, capsys):
     path = write(tmp_path, 'datasets', 'mtcars', sep=';')
     code, out, err, _ = report(capsys, path, '--target', 'mpg', '--sep', ',')
