@@ -23,6 +23,7 @@ def leaks(package, item, target, n_rows=None, **kwargs):
     ('Ecdat', 'Caschool', 'testscr', {'readscr', 'mathscr'}),      # testscr = (readscr + mathscr) / 2
     ('MASS', 'Cars93', 'Price', {'Min.Price', 'Max.Price'}),        # Price: the midpoint of the two
     ('AER', 'Fatalities', 'fatal', {'fatal1820', 'fatal2124'}),     # counts of some of the same deaths
+    ('ISLR', 'Wage', 'wage', {'logwage'}),                          # log(wage)
 ])
 def test_leaks_are_named_with_the_drop_to_use(package, item, target, where):
     found = leaks(package, item, target)
@@ -39,7 +40,7 @@ CLEAN = [('ISLR', 'Hitters', 'Salary'), ('ISLR', 'Default', 'default'), ('datase
          ('carData', 'TitanicSurvival', 'survived'), ('ggplot2', 'mpg', 'hwy'), ('MASS', 'Boston', 'medv'),
          ('datasets', 'airquality', 'Ozone'), ('AER', 'CPS1988', 'wage'), ('DAAG', 'spam7', 'yesno'),
          ('datasets', 'iris', 'Species'), ('MASS', 'Pima.tr', 'type'), ('ISLR', 'Carseats', 'Sales'),
-         ('ISLR', 'Wage', 'wage'), ('Ecdat', 'Housing', 'price'), ('ISLR', 'College', 'Private'),
+         ('Ecdat', 'Computers', 'price'), ('Ecdat', 'Housing', 'price'), ('ISLR', 'College', 'Private'),
          ('AER', 'HousePrices', 'price'), ('MASS', 'UScereal', 'calories')]
 
 
