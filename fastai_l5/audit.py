@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from fastai.callback.progress import ProgressCallback  # noqa: F401  (patches `Learner.no_bar`)
 
 __all__ = ['AUDIT_THRESHOLDS', 'target_leak', 'design_matrix', 'linear_baseline', 'classification_scores', 'value_ci',
            'balanced_class_weights', 'audit', 'audit_findings']
@@ -396,7 +397,7 @@ def _learner_data(learn):
             vocab = np.asarray(dls.vocab)
             y_tr, y_va = vocab[y_tr.astype(int)], vocab[y_va.astype(int)]
     # the validation predictions of the weights as they are now (without the Recorder, whose history diagnose reads)
-    with learn.removed_cbs(learn.recorder): raw, _ = learn.get_preds(dl=dls.valid)
+    with learn.no_bar(), learn.removed_cbs(learn.recorder): raw, _ = learn.get_preds(dl=dls.valid)
     proba = None
     if regression:
         tt = getattr(recipe, 'target_transform', None)
