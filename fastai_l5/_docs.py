@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,11 +75,72 @@ def _default_cache(src: Path) -> Path:
     return root/f'code-{code.hexdigest()[:12]}'
 
 
-def build_site(nbs='nbs', out='_site', cache=None, warnings=None) -> Path:
+def execute_notebook(path, timeout=900):
+    """Run every cell of the notebook at `path` in a fresh kernel (cwd = its folder, one intra-op torch thread
+    unless `OMP_NUM_THREADS` is set); return the executed notebook. A cell that raises raises `nbclient`'s
+    `CellExecutionError`, which names the cell and holds its traceback."""
+    import nbformat
+    from nbclient import NotebookClient
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}},
+                            extra_arguments=['--IPKernelApp.log_level=ERROR'],
+                            record_timing=False)   # no timing in cell metadata: jupyter-cache hashes it
+    client.execute(env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')})
+    return nb
+
+
+def _execute_one(path):
+    "In a worker process: `(executed notebook or None, error text or None, seconds)` for the notebook at `path`."
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    start = time.perf_counter()
+    try: return execute_notebook(path), None, time.perf_counter() - start
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:   # a cell raised, ran too long, or killed the kernel
+        return None, re.sub(r'\x1b\[[0-9;]*m', '', str(e)), time.perf_counter() - start
+
+
+def execute_notebooks(paths, cache, jobs=None, copies=None, progress=None):
+    """Execute those of the notebooks `paths` that the jupyter-cache folder `cache` does not hold yet, `jobs` at a
+    time (default: one per CPU core, at most 4; each kernel uses one torch thread), and store each executed notebook
+    there, so that Sphinx (myst-nb's 'cache' mode) runs none of them again. Also writes the executed copies into
+    the folder `copies` if given. Returns `({notebook name: error text}, {notebook name: seconds})` for the
+    notebooks executed here; `progress(line)` is called as each ends."""
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    store = get_cache(str(cache))
+    todo = []
+    for path in map(Path, paths):
+        try: store.match_cache_notebook(nbformat.read(path, as_version=4))
+        except KeyError: todo.append(path)
+    errors, seconds = {}, {}
+    if not todo: return errors, seconds
+    jobs = max(1, min(jobs or min(os.cpu_count() or 1, 4), len(todo)))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
+        running = {pool.submit(_execute_one, str(p)): p for p in todo}
+        for done in as_completed(running):
+            path = running[done]
+            nb, error, seconds[path.name] = done.result()
+            if progress: progress(f"{path.name}: {'failed' if error else 'executed'} in {seconds[path.name]:.1f} s")
+            if error: errors[path.name] = error; continue
+            if copies: nbformat.write(nb, Path(copies)/path.name)
+            store.cache_notebook_bundle(CacheBundleIn(nb, str(path), data={'execution_seconds': seconds[path.name]}),
+                                        check_validity=False, overwrite=True)
+    return errors, seconds
+
+
+def site_notebooks(src: Path):
+    "The notebooks of the docs folder `src` that the site renders (conf.py leaves out names starting with _ or .)."
+    return sorted(p for p in Path(src).glob('*.ipynb') if not p.name.startswith(('_', '.')))
+
+
+def build_site(nbs='nbs', out='_site', cache=None, warnings=None, jobs=None) -> Path:
     """Build the HTML site from `nbs` into `out` and return `out`. Notebooks are executed through a
     jupyter-cache at `cache` (default `.docs_cache/code-<hash of fastai_l5's source>` beside `nbs`): a
-    notebook is run again only when its code or fastai_l5's has changed. Prints one line per page read, then
-    Sphinx's warnings to `warnings` (default stderr); raises `DocsError` when a cell raises."""
+    notebook is run again only when its code or fastai_l5's has changed; those that must run are run first,
+    `jobs` at a time (see `execute_notebooks`), then Sphinx renders the pages from the cache. Prints one line
+    per notebook executed and per page read, then Sphinx's warnings to `warnings` (default stderr); raises
+    `DocsError` when a cell raises."""
     from sphinx.application import Sphinx
     from sphinx.errors import SphinxError
     src, out = find_nbs(nbs), Path(out).resolve()
@@ -87,9 +151,15 @@ def build_site(nbs='nbs', out='_site', cache=None, warnings=None) -> Path:
     log = io.StringIO()
     try:
         with _kernel_chatter_to(cache/'kernels.log'):
+            errors, _ = execute_notebooks(site_notebooks(src), cache/'jupyter', jobs=jobs,
+                                          progress=lambda line: print(f"docs: {line}", flush=True))
+            if errors:
+                name = sorted(errors)[0]
+                raise DocsError(f"{name}: a cell raised while executing the notebook\n{errors[name]}".rstrip())
             app = Sphinx(src, src, out, cache/'doctrees', 'html', status=None, warning=log,
                          confoverrides={'nb_execution_cache_path': str(cache/'jupyter')})
             app.build()
+    except DocsError: raise
     except Exception as e:
         msg = _cell_error(e)
         if msg: raise DocsError(msg) from None

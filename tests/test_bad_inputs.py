@@ -3,11 +3,7 @@ raised before any work is lost: the model, the dropout p values, the optimizer s
 collected are checked to be exactly as they were. The documented no-ops (an empty loader, a learner without an
 optimizer yet, a NaN loss) are here too."""
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,7 +18,6 @@ from torch import nn
 from fastai_l5.all import *
 import helpers
 
-ROOT = Path(__file__).resolve().parents[1]
 DLS = dict(n_rows=2000, bs=256)
 
 
@@ -279,27 +274,4 @@ def test_nan_loss_is_logged_and_never_crashes(dls):
     assert {n: m.p for n, m in learn.model.named_modules() if isinstance(m, nn.Dropout)}['layers.0.3'] == 0.1
 
 
-# ---- 6. the command line: one line on stderr, exit status 2, no traceback
-
-def _cli(*args, cwd):
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-    return subprocess.run([sys.executable, '-m', 'fastai_l5.cli', *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=cwd)
-
-
-def test_cli_bad_input(tmp_path):
-    (tmp_path / 'empty.csv').write_text('a,b\n')
-    (tmp_path / 'two.csv').write_text('a,b\n1,2\n3,4\n')
-    cases = [(['report', tmp_path / 'missing.csv', '--target', 'y'], r'no such file.*missing\.csv'),
-             (['report', tmp_path / 'two.csv', '--target', 'price'], r"unknown column.*'price'.*\['a', 'b'\]"),
-             (['report', tmp_path / 'empty.csv', '--target', 'a'], r'empty\.csv has no data rows'),
-             (['report', tmp_path / 'two.csv', '--target', 'b', '--epochs', '0'], r'--epochs: 0 must be at least 1'),
-             (['demo', '--example', 'iris'], r"unknown example 'iris'")]
-    import re
-    for args, match in cases:
-        res = _cli(*args, cwd=tmp_path)
-        err = res.stderr.strip().splitlines()
-        assert res.returncode == 2, (args, res.stderr[-2000:])
-        assert 'Traceback' not in res.stderr and re.search(match, err[-1]), (args, err)
-        assert err[-1].startswith(f'fastai-l5 {args[0]}: error: ')
-    assert not (tmp_path / 'l5_report').exists()  # nothing half-written
+# ---- 6. the command line: tests/test_cli.py (in process: one line on stderr, exit status 2, no traceback)

@@ -326,6 +326,7 @@ def bn_ranks(tmp_path_factory):
     return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_precise_bn_unequal_ranks_raise_together(bn_ranks):
     """Under DDP (2 CPU processes) a rank whose loader is too short makes every rank raise the same ValueError
     (the batch count is all-reduced first), where before it raised alone and left the other waiting forever."""
@@ -338,6 +339,7 @@ def test_precise_bn_unequal_ranks_raise_together(bn_ranks):
     for k, v in r0['buffers'].items(): torch.testing.assert_close(v, r1['buffers'][k])  # pooled: the same everywhere
 
 
+@pytest.mark.slow
 def test_precise_bn_callback_same_buffers_on_every_rank(bn_ranks):
     "Without SyncBatchNorm each rank's EMA follows its own batches; after PreciseBNCallback's pooled pass they are bitwise equal."
     r0, r1 = (r['callback'] for r in bn_ranks)

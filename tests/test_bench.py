@@ -12,8 +12,8 @@ import time
 
 from fastai.callback.core import Callback
 
-import fastai_l5.bench as fb
-from fastai_l5.bench import bench, SECTIONS, format_table
+from fastai_l5.bench import BenchConfig, bench, SECTIONS, format_table
+from fastai_l5.bench import common, fits, run
 from helpers import make_learn
 
 DLS = dict(n_rows=600, bs=64)
@@ -35,9 +35,10 @@ def quick(tmp_path_factory):
 def _ratio_columns(df): return [c for c in df.columns if 'ratio' in c or c == 'speedup']
 
 
+@pytest.mark.slow
 def test_sections_and_statuses(quick):
     res, _, _ = quick
-    assert tuple(res) == SECTIONS
+    assert tuple(res) == tuple(SECTIONS)
     for name, df in res.items():
         assert isinstance(df, pd.DataFrame) and len(df), name
         assert {'target', 'status'} <= set(df.columns), name
@@ -45,6 +46,7 @@ def test_sections_and_statuses(quick):
         assert df['target'].map(lambda t: isinstance(t, str) and len(t) > 0).all(), name
 
 
+@pytest.mark.slow
 def test_ratios_are_finite_positive(quick):
     res, _, _ = quick
     for name, df in res.items():
@@ -55,10 +57,10 @@ def test_ratios_are_finite_positive(quick):
             assert vals.map(math.isfinite).all() and (vals > 0).all(), (name, c, vals.tolist())
     # our callbacks are judged on their in-callback share: 'ok' exactly when within the target
     ov = res['overhead'].set_index('variant')
-    floor = ov.loc[fb.READ_FLOOR, 'share']
-    limits = {'+MomentumLogger': fb.FLOOR_FACTOR * floor, '+MomentumLogger(every=10)': fb.SHARE_TARGETS['every10'],
-              '+DropoutSchedule': fb.SHARE_TARGETS['DropoutSchedule'], '+BNDrift': fb.SHARE_TARGETS['BNDrift'],
-              '+all three': fb.SHARE_TARGETS['all three']}
+    floor = ov.loc[fits.READ_FLOOR, 'share']
+    limits = {'+MomentumLogger': fits.FLOOR_FACTOR * floor, '+MomentumLogger(every=10)': fits.SHARE_TARGETS['every10'],
+              '+DropoutSchedule': fits.SHARE_TARGETS['DropoutSchedule'], '+BNDrift': fits.SHARE_TARGETS['BNDrift'],
+              '+all three': fits.SHARE_TARGETS['all three']}
     for v, limit in limits.items():
         assert ov.loc[v, 'status'] == ('ok' if ov.loc[v, 'share'] <= limit else 'MISSED'), v
         assert ov.loc[v, 'target'].startswith('share <=')
@@ -71,25 +73,27 @@ WANDB = ['+W&B (WandbCallback, log=None)', '+W&B gradients, log_freq=1000', '+W&
          '+TensorBoard (TensorBoardCallback)', '+MomentumLogger -> TensorBoard', '+MomentumLogger(every=10) -> TensorBoard']
 
 
+@pytest.mark.slow
 def test_overhead_rows(quick):
     ov = quick[0]['overhead']
     assert list(ov['threads']) == [1] * len(ov)   # the fixture runs at one thread: one pass, not two
-    assert list(ov['variant']) == ['plain', 'plain (A/A repeat)', *OURS, fb.READ_FLOOR, '+ActivationStats (fastai)',
+    assert list(ov['variant']) == ['plain', 'plain (A/A repeat)', *OURS, fits.READ_FLOOR, '+ActivationStats (fastai)',
                                    *WANDB]
     by = ov.set_index('variant')
-    assert (by.loc[[fb.READ_FLOOR, '+ActivationStats (fastai)', *WANDB], 'status'] == 'info').all()
+    assert (by.loc[[fits.READ_FLOOR, '+ActivationStats (fastai)', *WANDB], 'status'] == 'info').all()
     assert (ov['min_s'] <= ov['median_s']).all() and (ov['median_s'] <= ov['max_s']).all()
     assert (ov['ratio_min'] <= ov['ratio']).all() and (ov['ratio'] <= ov['ratio_max']).all()
-    assert (ov['rounds'] == fb.BenchConfig.quick().rounds).all()
+    assert (ov['rounds'] == BenchConfig.quick().rounds).all()
     # nothing of ours runs in the plain fits; every callback variant spends some of its fit inside its callbacks
     assert (by.loc[['plain', 'plain (A/A repeat)'], 'share'] == 0).all()
-    assert (by.loc[OURS + [fb.READ_FLOOR] + WANDB, 'share'] > 0).all() and (by['share'] < 1).all()
+    assert (by.loc[OURS + [fits.READ_FLOOR] + WANDB, 'share'] > 0).all() and (by['share'] < 1).all()
     # MomentumLogger is set against W&B's gradient histograms at the same frequency
     assert by.loc[['+MomentumLogger', '+MomentumLogger -> W&B'], 'vs_wandb_grads'].notna().all() or \
         by.loc['+W&B gradients, log_freq=1', 'ratio'] <= 1
     assert by.loc[['plain', '+BNDrift'] + WANDB[:4], 'vs_wandb_grads'].isna().all()
 
 
+@pytest.mark.slow
 def test_optimizer_rows(quick):
     op = quick[0]['optimizer']
     assert len(op) == 3 * 2 * 2                         # families x models x (fastai, torch)
@@ -99,6 +103,7 @@ def test_optimizer_rows(quick):
     pd.testing.assert_series_equal(op['speedup'], 1 / op['ratio'], check_names=False)
 
 
+@pytest.mark.slow
 def test_memory_rows(quick):
     mem = quick[0]['memory'].set_index('variant')
     assert mem.loc['plain', 'log_rows'] == 0
@@ -110,6 +115,7 @@ def test_memory_rows(quick):
     assert (mem['export_bytes'] > 0).all()
 
 
+@pytest.mark.slow
 def test_precise_bn_and_scaling_rows(quick):
     res = quick[0]
     assert list(res['precise_bn']['batches_from']) == ['training loader', 'preloaded batches']
@@ -118,6 +124,7 @@ def test_precise_bn_and_scaling_rows(quick):
     assert sc[sc.axis == 'rows']['rows'].is_monotonic_increasing
 
 
+@pytest.mark.slow
 def test_files_written(quick):
     res, out, _ = quick
     for name, df in res.items():
@@ -132,10 +139,11 @@ def test_files_written(quick):
     assert 'Measured on' in md and md.count('### ') == len(SECTIONS)
 
 
+@pytest.mark.slow
 def test_stdout_table(quick):
     _, _, text = quick
-    for title in fb._TITLES.values(): assert title in text
-    assert 'targets met' in text and 'Noise floor' in text and fb.machine_info()['cpu'] in text
+    for section in SECTIONS.values(): assert section.title in text
+    assert 'targets met' in text and 'Noise floor' in text and common.machine_info()['cpu'] in text
 
 
 def test_format_table():
@@ -147,23 +155,42 @@ def test_format_table():
 
 
 def test_status_and_pairing():
-    assert fb._status(1.01, 1.02) == 'ok' and fb._status(1.03, 1.02) == 'MISSED'
-    assert fb._status(float('nan'), 1.02) == 'n/a'
+    assert common.status(1.01, 1.02) == 'ok' and common.status(1.03, 1.02) == 'MISSED'
+    assert common.status(float('nan'), 1.02) == 'n/a'
     # ratios pair runs of the same round: a slow round slows both sides and cancels out
-    med, lo, hi = fb._paired([2., 4., 1.1], [2., 4., 1.])
+    med, lo, hi = common.paired([2., 4., 1.1], [2., 4., 1.])
     assert (med, lo, hi) == (1.0, 1.0, pytest.approx(1.1))
 
 
-def test_one_entry_point_parses_arguments(monkeypatch):
-    "`python -m fastai_l5.bench` and `fastai-l5 bench` are one command: the options are parsed once, in cli."
-    seen = {}
-    monkeypatch.setattr(fb, 'bench', lambda out, only, config: seen.update(out=out, only=only, config=config))
-    assert fb.main(['--quick', '--out', 'somewhere', '--only', 'overhead', 'memory', '--no-wandb']) == 0
-    assert seen['out'] == 'somewhere' and seen['only'] == ['overhead', 'memory']
-    assert seen['config'] == fb.BenchConfig.quick(wandb=False)
+def test_the_command_passes_its_options_to_bench(monkeypatch):
+    "`fastai-l5 bench` parses its options in cli (the one entry point) and calls `fastai_l5.bench.bench` with them."
+    import fastai_l5.bench
     from fastai_l5.cli import main as cli_main
+    seen = {}
+    monkeypatch.setattr(fastai_l5.bench, 'bench', lambda out, only, config: seen.update(out=out, only=only, config=config))
+    assert cli_main(['bench', '--quick', '--out', 'somewhere', '--only', 'overhead', 'memory', '--no-wandb']) == 0
+    assert seen['out'] == 'somewhere' and seen['only'] == ['overhead', 'memory']
+    assert seen['config'] == BenchConfig.quick(wandb=False)
     assert cli_main(['bench']) == 0
-    assert seen == dict(out='l5_bench', only=None, config=fb.BenchConfig())
+    assert seen == dict(out='l5_bench', only=None, config=BenchConfig())
+
+
+def test_a_section_is_one_registry_entry(monkeypatch, tmp_path):
+    "A new section is a `Section` in `run.SECTIONS`: it runs after those it needs, and its table is printed and written."
+    seen = []
+    def extra(r):
+        seen.append(sorted(r.learners))
+        return pd.DataFrame(dict(thing=['x'], ratio=[1.0], **common.judged(1.0, 2.0, '<= 2x')))
+    monkeypatch.setattr(run, 'SECTIONS', {**run.SECTIONS, 'extra': run.Section('extra', '6. Extra', extra,
+                                                                               needs=('precise_bn',))})
+    assert run.select(['extra']) == ['precise_bn', 'extra']
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = bench(only=['extra'], out=tmp_path, config=BenchConfig.quick(wandb=False))
+    assert list(res) == ['precise_bn', 'extra'] and seen == [['plain']]     # precise_bn's plain learner, shared
+    text = buf.getvalue()
+    assert text.index('3. precise_bn') < text.index('6. Extra') < text.index('targets met')
+    assert pd.read_csv(tmp_path / 'extra.csv')['status'].tolist() == ['ok']
 
 
 def test_unknown_section_is_a_usage_error(capsys):
@@ -172,22 +199,22 @@ def test_unknown_section_is_a_usage_error(capsys):
     assert cli_main(['bench', '--only', 'overheads']) == 2
     err = capsys.readouterr().err
     assert "unknown bench section(s) ['overheads']" in err and 'precise_bn' in err
-    assert fb._sections(['memory']) == ['overhead', 'memory']   # memory reads the overhead section's learners
-    assert fb._sections(None) == list(SECTIONS)
+    assert run.select(['memory']) == ['overhead', 'memory']   # memory reads the overhead section's learners
+    assert run.select(None) == list(SECTIONS)
 
 
 def test_every_variant_has_an_explicit_role():
-    variants = fb._variants(fb.BenchConfig.quick(), with_wandb=True, tb_dir='unused')
+    variants = fits.variants(BenchConfig.quick(), with_wandb=True, tb_dir='unused')
     assert len({v.name for v in variants}) == len(variants)
     for v in variants:
         assert (v.role == 'ours') == (v.target is not None), v.name
-        assert v.role == 'ours' or v.role in fb.ROLE_COLUMNS, v.name
+        assert v.role == 'ours' or v.role in common.ROLE_COLUMNS, v.name
     assert [v.name for v in variants if v.watch_freq] == WANDB[1:4]
 
 
 def test_judged():
-    assert fb.judged(0.004, 0.005, 'share <= 0.5%') == dict(target='share <= 0.5%', status='ok')
-    assert fb.judged(0.006, 0.005, 'x')['status'] == 'MISSED' and fb.judged(math.nan, 0.005, 'x')['status'] == 'n/a'
+    assert common.judged(0.004, 0.005, 'share <= 0.5%') == dict(target='share <= 0.5%', status='ok')
+    assert common.judged(0.006, 0.005, 'x')['status'] == 'MISSED' and common.judged(math.nan, 0.005, 'x')['status'] == 'n/a'
 
 
 class _Sleeper(Callback):
@@ -203,7 +230,7 @@ def test_event_clock_measures_time_inside_event_methods(dls):
     and a nested event call once."""
     learn = make_learn(dls, cbs=_Sleeper(), layers=(4,), ps=0.1, embed_p=0.1)
     n_batches, own = len(dls.train), dict(vars(_Sleeper))
-    wall, _, share = fb._timed_fit(learn, [_Sleeper])
+    wall, _, share = fits.timed_fit(learn, [_Sleeper])
     inside = share * wall
     # after_batch (10 ms + the nested after_step 2 ms) in training and validation batches, after_step in training
     n_valid = len(dls.valid)
@@ -222,7 +249,7 @@ def test_read_floor_reads_every_tensor_and_changes_nothing(dls, monkeypatch):
     seen = []
     norm = torch._foreach_norm
     monkeypatch.setattr(torch, '_foreach_norm', lambda ts, *a: (seen.append(len(ts)), norm(ts, *a))[1])
-    with_floor = fitted([fb.ReadFloor()])
+    with_floor = fitted([fits.ReadFloor()])
     monkeypatch.undo()
     plain = fitted([])
     for a, b in zip(with_floor.model.parameters(), plain.model.parameters()): assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 "The `fastai-l5` command: the demo's report, the CSV report, and clean errors on bad input."
 import json
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from fastai_l5 import __version__
+from fastai_l5.cli import main
 from fastai_l5.report import LEGEND
 
 NBS = Path(__file__).resolve().parent.parent / 'nbs'
@@ -55,6 +57,7 @@ def check_report(out):
     return links, summary
 
 
+@pytest.mark.slow
 def test_demo_writes_a_report_with_every_section(tmp_path):
     res = run_cli('demo', '--rows', 3000, '--epochs', 2, '--bs', 256, '--out', tmp_path / 'rep')
     assert res.returncode == 0, res.stderr
@@ -79,6 +82,7 @@ def test_demo_writes_a_report_with_every_section(tmp_path):
         assert re.search(rf'^  {label}: ', res.stdout, flags=re.M), label
 
 
+@pytest.mark.slow
 def test_report_on_a_users_csv(tmp_path):
     "A row number that leaks the target is left out and said so; --drop, --lr and --log-target are obeyed."
     df = pd.DataFrame({'row': range(300), 'size': [(i * 7) % 50 + 0.5 for i in range(300)], 'noise': 1.0,
@@ -96,9 +100,18 @@ def test_report_on_a_users_csv(tmp_path):
     assert 'What was trained' in page and 'identifier-like' in page and 'lr_find' not in page
 
 
-def test_version():
-    res = run_cli('--version')
-    assert res.returncode == 0 and res.stdout.strip() == f'fastai-l5 {__version__}'
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit: main(['--version'])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f'fastai-l5 {__version__}'
+
+
+def run_main(args, cwd, monkeypatch, capsys):
+    "`fastai_l5.cli.main(args)` in this process, from `cwd`: (exit status, stdout, stderr). argparse's own errors exit."
+    monkeypatch.chdir(cwd)
+    try: code = main(list(map(str, args)))
+    except SystemExit as e: code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.mark.parametrize('args,message', [
@@ -111,20 +124,35 @@ def test_version():
     (['report', 'data.csv', '--target', 'a', '--drop', 'b'], r"no input columns are left to predict 'a'"),
     (['report', 'data.csv', '--target', 'b', '--log-target'], r"--log-target needs a regression target"),
     (['report', 'empty.csv', '--target', 'a'], r'has no data rows'),
+    (['report', 'header.csv', '--target', 'a'], r'header\.csv has no data rows'),
     (['report', 'blank.csv', '--target', 'a'], r'could not read blank\.csv as CSV'),
     (['report', 'tiny.csv', '--target', 'a'], r'at least 10 are needed'),
+    (['report', 'data.csv', '--target', 'b', '--epochs', '0'], r'argument --epochs: 0 must be at least 1'),
     (['demo', '--example', 'iris'], r"unknown example 'iris'; choose one of ames, diamonds"),
     (['demo', '--epochs', '0'], r'argument --epochs: 0 must be at least 1'),
     (['demo', '--lr', 'fast'], r"argument --lr: 'fast' is not a number"),
     (['report', 'data.csv'], r'the following arguments are required: --target'),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    "In process (the console script itself is run once, by test_console_script_reports_bad_input): no work is done."
     pd.DataFrame({'a': range(20), 'b': ['x', 'y'] * 10}).to_csv(tmp_path / 'data.csv', index=False)
     pd.DataFrame({'a': [], 'b': []}).to_csv(tmp_path / 'empty.csv', index=False)
+    (tmp_path / 'header.csv').write_text('a,b\n')
     (tmp_path / 'blank.csv').write_text('')
     pd.DataFrame({'a': range(3)}).to_csv(tmp_path / 'tiny.csv', index=False)
-    res = run_cli(*args, cwd=tmp_path)
-    assert res.returncode == 2
-    assert 'Traceback' not in res.stderr
-    assert re.search(message, res.stderr), res.stderr
-    assert len(res.stderr.strip().splitlines()[-1]) > 10
+    code, out, err = run_main(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    assert 'Traceback' not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f'fastai-l5 {args[0]}: error: ') and re.search(message, last), err
+    assert not (tmp_path / 'l5_report').exists()   # nothing half-written
+
+
+def test_console_script_reports_bad_input(tmp_path):
+    "The installed `fastai-l5` script (or `python -m fastai_l5.cli` without one): one line on stderr, exit status 2."
+    script = shutil.which('fastai-l5')
+    cmd = [script] if script else [sys.executable, '-m', 'fastai_l5.cli']
+    res = subprocess.run([*cmd, 'report', 'nowhere.csv', '--target', 'y'], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert res.returncode == 2 and res.stdout == ''
+    assert res.stderr == 'fastai-l5 report: error: no such file: nowhere.csv\n', res.stderr

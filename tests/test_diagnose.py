@@ -384,6 +384,7 @@ def test_rendering_terminal_html_and_plots():
         assert len(fig.axes[0].get_lines()) >= 2, key  # the curve and its threshold
 
 
+@pytest.mark.slow
 def test_report_opens_with_findings_and_the_command_prints_them(tmp_path, capsys):
     from fastai_l5.cli import main
     from fastai_l5.report import write_report

@@ -27,6 +27,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_in_step(ranks):
     r0, r1 = ranks
     assert (r0['rank'], r1['rank'], r0['world']) == (0, 1, 2)
@@ -39,6 +40,7 @@ def test_two_ranks_train_in_step(ranks):
 LOGS = ['momentum', 'dropout', 'bn']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key', LOGS)
 def test_logs_kept_on_rank0_only(ranks, key):
     r0, r1 = ranks
@@ -49,6 +51,7 @@ def test_logs_kept_on_rank0_only(ranks, key):
 NAMED = ['momentum', 'dropout', 'bn']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key', NAMED)
 def test_layer_names_are_the_plain_models(ranks, key):
     "Inside DDP the model is wrapped (`module.`...), but logs name layers as in a single process."
@@ -58,6 +61,7 @@ def test_layer_names_are_the_plain_models(ranks, key):
     if key == 'dropout': assert {'layers.0.3', 'emb_drop'} <= logged
 
 
+@pytest.mark.slow
 def test_telemetry_reads_averaged_gradients(ranks):
     r0, r1 = ranks
     probe0, probe1 = r0['probe'], r1['probe']
@@ -76,6 +80,7 @@ def test_telemetry_reads_averaged_gradients(ranks):
     assert set(df.step) == set(range(1, 13))
 
 
+@pytest.mark.slow
 def test_precise_bn_pools_over_ranks(ranks):
     "Rank 0 pools 6 batches of its shard, rank 1 pools 4 (no deadlock): both end with the statistics of all 10."
     r0, r1 = ranks
@@ -90,6 +95,7 @@ def test_precise_bn_pools_over_ranks(ranks):
         close_enough(r0['after_precise'][k], v, eps=1e-4)           # ...to the single-process population value
 
 
+@pytest.mark.slow
 def test_bn_drift_precise_pass_under_ddp(ranks):
     "The per-epoch precise pass all-reduces like precise_bn: the same gaps and losses on both ranks, buffers restored."
     r0, r1 = (r['precise_every'] for r in ranks)
@@ -141,6 +147,7 @@ def test_single_process_distrib_ctx_is_a_no_op():
     assert len(learn.momentum_logger.df) > 0 and not hasattr(learn, 'distributed_trainer')
 
 
+@pytest.mark.slow
 def test_launch_cpu_reports_the_failing_rank(tmp_path):
     script = tmp_path / 'fail.py'
     script.write_text("import os\nif os.environ['RANK'] == '1': raise ValueError('rank one broke')\n")
@@ -148,6 +155,7 @@ def test_launch_cpu_reports_the_failing_rank(tmp_path):
     assert launch_cpu(script, check=False).returncode == 1
 
 
+@pytest.mark.slow
 def test_launch_cpu_reports_a_native_crash(tmp_path):
     "A rank that aborts in native code prints no Python traceback: its last words still reach the error."
     script = tmp_path / 'abort.py'
@@ -157,6 +165,7 @@ def test_launch_cpu_reports_a_native_crash(tmp_path):
         launch_cpu(script)
 
 
+@pytest.mark.slow
 def test_launch_cpu_stops_a_deadlock(tmp_path):
     "Rank 0 waits in a barrier that rank 1 never reaches: the run is stopped, with every process it started."
     import time

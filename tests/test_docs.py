@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from fastai_l5._docs import build_site
+from fastai_l5._docs import build_site, execute_notebooks
 from fastai_l5.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +92,7 @@ def guide_order():
     return ['index'] + sorted(p.stem for p in NBS.glob('0*_*.ipynb')) + ['api'] + sorted(p.stem for p in NBS.glob('api_*.ipynb'))
 
 
+@pytest.mark.slow
 def test_pages_in_order_with_a_progress_line_each_and_nothing_executed_twice(site):
     out, progress, warnings = site
     assert not warnings, warnings
@@ -111,6 +112,7 @@ def public_names():
     return {n: ns[n] for n in ns if not n.startswith('_')}
 
 
+@pytest.mark.slow
 def test_api_reference_has_an_entry_per_public_name(site):
     html = (site[0]/'api.html').read_text(encoding='utf-8')
     ids = set(re.findall(r'<dt class="sig sig-object py" id="([\w.]+)"', html))
@@ -124,6 +126,7 @@ def test_api_reference_has_an_entry_per_public_name(site):
     assert 'href="api.html#fastai_l5.precise.precise_bn"' in index       # the guide links into the reference
 
 
+@pytest.mark.slow
 def test_every_page_opens_clean_in_chromium(site, browser):
     problems, n_imgs = [], 0
     for page in sorted(site[0].glob('*.html')):
@@ -134,6 +137,7 @@ def test_every_page_opens_clean_in_chromium(site, browser):
     assert n_imgs > 10, "hardly any plot on the pages: the figures did not reach the site"
 
 
+@pytest.mark.slow
 def test_search_lists_the_api_entry(site, browser):
     from selenium.webdriver.support.ui import WebDriverWait
     browser.get((site[0]/'search.html').as_uri() + '?q=precise_bn')
@@ -142,6 +146,7 @@ def test_search_lists_the_api_entry(site, browser):
     assert any(h.startswith('api.html#fastai_l5.precise.precise_bn') for h in hits), hits
 
 
+@pytest.mark.slow
 def test_math_is_drawn_and_the_index_screenshot_saved(site, browser):
     browser.get((site[0]/'index.html').as_uri())
     browser.execute_script('localStorage.clear(); sessionStorage.clear()')   # no search terms highlighted
@@ -155,6 +160,7 @@ def test_math_is_drawn_and_the_index_screenshot_saved(site, browser):
     assert browser.save_screenshot(str(SCREENSHOT)) and SCREENSHOT.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_the_checks_catch_a_broken_page(site, browser, tmp_path):
     "The browser checks can fail: a missing image, a console error, a remote script, a traceback."
     page = tmp_path/'broken.html'
@@ -179,6 +185,7 @@ def small_nbs(tmp_path, *cells):
     return nbs
 
 
+@pytest.mark.slow
 def test_a_cell_error_fails_the_build_with_exit_1(tmp_path, monkeypatch, capsys):
     small_nbs(tmp_path, new_code_cell('raise ValueError("bad cell")'))
     monkeypatch.chdir(tmp_path)
@@ -198,3 +205,21 @@ def test_refuses_a_folder_that_is_not_a_site(tmp_path, monkeypatch, capsys):
     assert 'not empty' in capsys.readouterr().err and (mine/'thesis.txt').read_text() == 'precious'
     with pytest.raises(FileNotFoundError, match='no docs sources.*run `fastai-l5 docs` from its root'):
         build_site('no_such_nbs', tmp_path/'site')
+
+
+@pytest.mark.slow
+def test_notebooks_run_side_by_side_into_the_cache_once(tmp_path):
+    "Two notebooks at a time: each is stored in the cache (or its error returned), and a second call runs none."
+    nbs = tmp_path/'nbs'
+    nbs.mkdir()
+    kernel = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
+    nbformat.write(new_notebook(cells=[new_code_cell('import os; os.environ["OMP_NUM_THREADS"]')], metadata=kernel), nbs/'a.ipynb')
+    nbformat.write(new_notebook(cells=[new_code_cell('1/0')], metadata=kernel), nbs/'b.ipynb')
+    paths, lines = sorted(nbs.glob('*.ipynb')), []
+    errors, seconds = execute_notebooks(paths, tmp_path/'cache', jobs=2, copies=tmp_path, progress=lines.append)
+    assert set(errors) == {'b.ipynb'} and 'ZeroDivisionError' in errors['b.ipynb']
+    assert set(seconds) == {'a.ipynb', 'b.ipynb'} and sorted(l.split(':')[0] for l in lines) == ['a.ipynb', 'b.ipynb']
+    out = nbformat.read(tmp_path/'a.ipynb', as_version=4).cells[0].outputs
+    assert out[0]['data']['text/plain'] == repr(os.environ.get('OMP_NUM_THREADS', '1'))   # one torch thread unless set
+    errors, seconds = execute_notebooks(paths[:1], tmp_path/'cache', progress=lines.append)
+    assert errors == {} and seconds == {} and len(lines) == 2      # a.ipynb came from the cache

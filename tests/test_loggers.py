@@ -78,6 +78,7 @@ def _wandb_history(run_dir):
     return [r['history']['item'] for r in records if r.get('type') == 'history']
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_every_column(dls, tmp_path, monkeypatch):
     import wandb
     from fastai.callback.wandb import WandbCallback
@@ -110,6 +111,7 @@ def test_block_rows_groups_by_step():
     assert block_rows(dict(step=np.array([]), layer=np.array([]), g=np.array([])), 'momentum', 'step', ['g']) == []
 
 
+@pytest.mark.slow
 def test_without_a_logger_nothing_is_imported_or_attached():
     "In a fresh process: a fit with all three callbacks imports neither package, and no table has a sink."
     code = ("import sys\n"

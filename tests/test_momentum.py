@@ -31,8 +31,9 @@ def torch_opt(cls, **kw): return partial(OptimWrapper, opt=partial(cls, **kw))
 
 
 class RecordSteps(Callback):
-    """Keeps float64 copies of what each real optimizer step saw: p before and after, g, the moments
-    (read by the given state names) and β (read from fastai hypers or torch param groups directly)."""
+    """Keeps float64 copies of what each real optimizer step saw: p and g before it, p after it, the first moment
+    before (`mp`: what the step carried in, None where the state holds none yet) and after it (`m`), the second
+    moment after it (read by the given state names) and β (read from fastai hypers or torch param groups directly)."""
     order = 45
 
     def __init__(self, first=(), second=()):
@@ -40,8 +41,20 @@ class RecordSteps(Callback):
 
     def _stepped(self): return [p for pg in self.learn.opt.param_lists for p in pg if p.grad is not None]
 
+    def _states(self):
+        opt = self.learn.opt
+        return opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
+
+    def _read(self, p, names):
+        st = self._states().get(p, {})
+        t = next((st[n] for n in names if isinstance(st.get(n), torch.Tensor)), None)
+        return None if t is None else t.detach().double().clone()
+
     def before_step(self):
-        self.before = [p.detach().double().clone() for p in self._stepped()]
+        ps = self._stepped()
+        self.before = [p.detach().double().clone() for p in ps]
+        self.grads = [p.grad.detach().double().clone() for p in ps]
+        self.carried = [self._read(p, self.first) for p in ps]
 
     def after_cancel_step(self): self.cancelled = True
 
@@ -50,22 +63,16 @@ class RecordSteps(Callback):
         self.n += 1
         opt, ps = self.learn.opt, self._stepped()
         wrapped = isinstance(opt, OptimWrapper)
-        states = opt.opt.state if wrapped else opt.state
         owner = {id(p): n for n, m in self.learn.model.named_modules() for p in m.parameters(recurse=False)}
         group = {id(p): i for i, pg in enumerate(opt.param_lists) for p in pg}
         def beta(p):
             if not wrapped: return opt.hypers[group[id(p)]].get('mom', math.nan)
             pg = opt.opt.param_groups[group[id(p)]]
             return pg['betas'][0] if 'betas' in pg else pg.get('momentum', math.nan)
-        def read(p, names):
-            st = states.get(p, {})
-            t = next((st[n] for n in names if isinstance(st.get(n), torch.Tensor)), None)
-            return None if t is None else t.detach().double().clone()
         self.steps.append(dict(
-            step=self.n, epoch=self.learn.epoch, layers=[owner[id(p)] for p in ps],
-            g=[p.grad.detach().double().clone() for p in ps], p0=self.before,
-            p1=[p.detach().double().clone() for p in ps], beta=[beta(p) for p in ps],
-            m=[read(p, self.first) for p in ps], v=[read(p, self.second) for p in ps]))
+            step=self.n, epoch=self.learn.epoch, layers=[owner[id(p)] for p in ps], g=self.grads, p0=self.before,
+            p1=[p.detach().double().clone() for p in ps], beta=[beta(p) for p in ps], mp=self.carried,
+            m=[self._read(p, self.first) for p in ps], v=[self._read(p, self.second) for p in ps]))
 
 
 def expected_df(rec):
@@ -77,13 +84,16 @@ def expected_df(rec):
             i = [k for k, l in enumerate(s['layers']) if l == layer]
             g, dp, p1 = cat([s['g'][k] for k in i]), cat([s['p1'][k] - s['p0'][k] for k in i]), cat([s['p1'][k] for k in i])
             im = [k for k in i if s['m'][k] is not None]
+            imp = [k for k in i if s['mp'][k] is not None]
             iv = [k for k in i if s['v'][k] is not None]
-            gm, m, v = cat([s['g'][k] for k in im]), cat([s['m'][k] for k in im]), cat([s['v'][k] for k in iv])
+            m, v = cat([s['m'][k] for k in im]), cat([s['v'][k] for k in iv])
+            # the gradient against the momentum carried in from the steps before (m_{t-1})
+            gmp, mp = cat([s['g'][k] for k in imp]), cat([s['mp'][k] for k in imp])
             nan = math.nan
             row = dict(step=s['step'], epoch=s['epoch'], layer=layer, grad_norm=g.norm().item(),
                        mom_norm=m.norm().item() if im else nan,
-                       cos_mom_grad=(gm @ m / (g.norm() * m.norm())).item() if im else nan,
-                       sign_flip=(gm * m < 0).double().mean().item() if im else nan,
+                       cos_mom_grad=(gmp @ mp / (g.norm() * mp.norm())).item() if imp else nan,
+                       sign_flip=(gmp * mp < 0).double().mean().item() if imp else nan,
                        update_norm=dp.norm().item(), param_norm=p1.norm().item(),
                        update_ratio=(dp.norm() / p1.norm()).item(), beta=float(s['beta'][i[0]]),
                        sqr_avg_rms=v.mean().sqrt().item() if iv else nan)
@@ -134,6 +144,10 @@ def test_columns_match_independent_computation(dls, family):
     assert_matches(df, rec)
     assert df.step.min() == 1 and df.step.max() == len(dls.train)
     assert df.mom_norm.notna().all() == has_first and df.mom_norm.isna().all() == (not has_first)
+    # step 1 carries no momentum in: nothing to compare its gradient with
+    first = df[df.step == 1]
+    assert first.cos_mom_grad.isna().all() and first.sign_flip.isna().all()
+    assert df[df.step > 1].cos_mom_grad.notna().all() == has_first
     assert df.sqr_avg_rms.notna().all() == bool(second)
     if family in ('fastai_adam', 'torch_adam', 'l5_adam', 'torch_sgd'):
         # fit_one_cycle moves β: the logged β is the scheduled one, 0.95 at the start, lower mid-way
@@ -218,8 +232,11 @@ def test_freeze_unfreeze_clearing_state(dls):
     learn.freeze()  # clears the optimizer state: the EWMA restarts from zero
     learn.fit(1, 1e-2)
     n = len(dls.train)
-    restart = learn.momentum_logger.df.query(f'step == {n + 1} and layer == "layers.0.0"')
-    assert restart.cos_mom_grad.item() == pytest.approx(1.)  # m = (1-β)·g after a cleared state
+    restart = learn.momentum_logger.df.query(f'step == {n + 1}')
+    # a cleared state carries no momentum in: nothing to compare the gradient with, until the next step
+    assert restart.cos_mom_grad.isna().all() and restart.sign_flip.isna().all() and restart.mom_norm.notna().all()
+    trained = learn.momentum_logger.df.query(f'step == {n + 2} and layer.str.startswith("layers")')
+    assert len(trained) and trained.cos_mom_grad.notna().all()  # (the frozen layers' g and m are 0: NaN)
     learn.unfreeze()
     learn.fit(1, 1e-2)
     assert_matches(learn.momentum_logger.df, rec)
@@ -346,3 +363,43 @@ def test_update_norm_measured_where_state_does_not_give_it(opt_func):
     learn.fit_one_cycle(1, 1e-2)
     got, exp = learn.momentum_logger.df, expected_df(rec)
     np.testing.assert_allclose(got.update_norm, exp.update_norm, rtol=1e-12, atol=0)
+
+
+def one_batch_learner(opt_func, cbs):
+    """A bias-free float64 `Linear(2, 1)` from w = 0 on one batch of 4 rows, fit with MSE in float64 (fastai's
+    `MSELossFlat` computes in float32): each epoch is one step."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    x = torch.tensor([[1., 0.], [0., 1.], [1., 1.], [2., -1.]], dtype=torch.float64)
+    y = torch.tensor([[1.], [-2.], [-1.], [4.]], dtype=torch.float64)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=4, shuffle=False, drop_last=False)
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    torch.nn.init.zeros_(model.weight)
+    mse = lambda pred, targ: ((pred - targ) ** 2).mean().float()  # float32 only for the Recorder's running mean
+    return Learner(dls, model, loss_func=mse, opt_func=opt_func, cbs=list(cbs)), x, y
+
+
+@pytest.mark.parametrize('opt_func', [sgd_momentum(0.9, dampening=False),
+                                      torch_opt(torch.optim.SGD, momentum=0.9)], ids=['l5', 'torch'])
+def test_heavy_ball_by_hand(opt_func):
+    """Three heavy-ball steps worked by hand: g_t = (2/N)·Xᵀ(Xw − y), m_t = β·m_{t−1} + g_t, w ← w − lr·m_t. The
+    logged cosine and sign flips compare g_t with m_{t−1} (none at step 1), `mom_norm` is ‖m_t‖."""
+    lr, beta = 0.2, 0.9
+    learn, x, y = one_batch_learner(opt_func, [MomentumLogger()])
+    learn.fit(3, lr)
+    df = learn.momentum_logger.df
+    assert df.step.tolist() == [1, 2, 3] and (df.layer == '').all()
+    w, m, want = torch.zeros(2, dtype=torch.float64), None, []
+    for t in range(3):
+        g = 2 / len(x) * x.T @ (x @ w - y[:, 0])
+        cos = math.nan if m is None else float(g @ m / (g.norm() * m.norm()))
+        flip = math.nan if m is None else float((g * m < 0).double().mean())
+        m = g.clone() if m is None else beta * m + g
+        w = w - lr * m
+        want.append(dict(grad_norm=float(g.norm()), mom_norm=float(m.norm()), cos_mom_grad=cos, sign_flip=flip))
+    want = pd.DataFrame(want)
+    for c in want.columns:
+        np.testing.assert_allclose(df[c].to_numpy(float), want[c].to_numpy(float), rtol=1e-10, equal_nan=True, err_msg=c)
+    # the lr overshoots here: at step 3 one weight's gradient has turned against the momentum it carries in
+    assert want.sign_flip.tolist()[1:] == [0., 0.5] and want.cos_mom_grad.iloc[1] > 0.9 > 0 > want.cos_mom_grad.iloc[2]
+    np.testing.assert_allclose(learn.model.weight.detach()[0].numpy(), w.numpy(), rtol=1e-12)

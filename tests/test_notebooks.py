@@ -12,6 +12,7 @@ def test_there_are_notebooks():
             '05_lesson5_checked.ipynb'} <= set(NOTEBOOKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_runs_clean(name, executed_notebooks):
     folder, errors = executed_notebooks

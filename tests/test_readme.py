@@ -2,12 +2,15 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / 'README.md'
 
 
 def python_blocks(): return re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_runs_as_pasted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the code writes files where it runs
     ns = {}

@@ -33,6 +33,7 @@ def write_csv(folder, name):
 def csv_dir(tmp_path_factory): return tmp_path_factory.mktemp('csvs')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CSVS))
 def test_default_run_beats_the_constant_predictor(csv_dir, name):
     path, target = write_csv(csv_dir, name)

@@ -82,6 +82,7 @@ FRESH_PROCESS = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_export_loads_in_a_fresh_process(dls, tmp_path):
     learn = make_learn(dls, sgd_momentum(0.9))
     learn.fit_one_cycle(1, 1e-2)
