@@ -10,4 +10,5 @@ from .batchnorm import *
 from .distributed import *
 from .diagnose import *
 from .shift import *
+from .audit import *
 from .loggers import *

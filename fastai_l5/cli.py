@@ -57,10 +57,16 @@ def _parser():
     rep.add_argument('--cont', nargs='*', default=[], help='continuous columns (others are sorted by dtype)')
     rep.add_argument('--drop', nargs='*', default=[], help='columns to leave out')
     rep.add_argument('--log-target', action='store_true', help='train on log(target) (default: when positive and skewed)')
+    rep.add_argument('--sep', default=None, help="the CSV's field separator (default: detected among , ; tab |)")
+    rep.add_argument('--class-weights', action='store_true',
+                     help='classification: weigh the loss by inverse class frequency, n/(K·n_class), to find rare classes')
+    for cmd in (demo, rep):
+        cmd.add_argument('--threads', type=_positive_int, default=None,
+                         help="torch intra-op threads (default: 1 below 100,000 training rows, else min(4, CPUs))")
     bench = sub.add_parser('bench', help='the benchmark table (overhead, optimizer step, precise_bn, memory, scaling)')
     bench.add_argument('--quick', action='store_true', help='a one-minute smoke run')
     bench.add_argument('--only', nargs='+', metavar='SECTION',
-                       help='run only these sections: overhead, optimizer, precise_bn, memory, scaling')
+                       help='run only these sections: overhead, optimizer, precise_bn, memory, scaling, diagnose, report_threads')
     bench.add_argument('--no-wandb', action='store_true', help='leave out the W&B and TensorBoard rows of the overhead section')
     bench.add_argument('--out', default='l5_bench', help='folder for the CSV and JSON results (default ./l5_bench)')
     docs = sub.add_parser('docs', help='render nbs/ to the HTML docs site (run from a checkout)')
@@ -76,7 +82,8 @@ def _summary(learn, path, name):
         if cb is not None: lines.append(f"  {attr}: {len(cb.df):,} rows logged")
     import pandas as pd
     from .diagnose import findings_lines
-    lines += findings_lines(pd.read_csv(Path(path).parent / 'findings.csv', keep_default_na=False))
+    findings = pd.read_csv(Path(path).parent / 'findings.csv', keep_default_na=False)
+    lines += findings_lines(findings) if len(findings) else ['Findings:', '  (none could be made: see report.html)']
     lines.append(f"report: {Path(path).resolve()}")
     return '\n'.join(lines)
 
@@ -87,7 +94,10 @@ def _train(args, df, title, name, **recipe_kwargs):
     from .report import train_report
     try: recipe = tabular_recipe(df, bs=args.bs, epochs=args.epochs, **recipe_kwargs)
     except ValueError as e: raise UsageError(str(e)) from e
-    learn, path = train_report(recipe, out=args.out, lr=args.lr, title=title)
+    if getattr(args, 'class_weights', False) and recipe.is_regression:
+        raise UsageError(f"--class-weights needs a classification target; {args.target!r} is a regression")
+    learn, path = train_report(recipe, out=args.out, lr=args.lr, title=title, threads=args.threads,
+                               class_weights=getattr(args, 'class_weights', False))
     print(_summary(learn, path, name))
 
 
@@ -103,7 +113,8 @@ def _demo(args):
 
 def _report(args):
     from .recipe import read_table
-    try: df = read_table(args.csv)
+    sep = {'tab': '\t', '\\t': '\t'}.get(args.sep, args.sep)
+    try: df = read_table(args.csv, sep=sep)
     except ValueError as e: raise UsageError(str(e)) from e
     _train(args, df, f'fastai_l5 report: {Path(args.csv).name} → {args.target}', f'report on {args.csv}',
            target=args.target, cat_names=args.cat, cont_names=args.cont, drop=args.drop,

@@ -17,6 +17,7 @@ from fastcore.foundation import L
 from matplotlib.figure import Figure
 from torch import nn
 
+from .audit import audit_findings
 from .core import unwrap_model
 from .counterfactual import Sandbox, dropout_modules, effect_text
 from .precise import module_modes, preserved_rng
@@ -471,8 +472,8 @@ def _info_missing(kinds, attach):
 
 
 # causes before symptoms: among warnings, a row earlier here explains those after it
-_CAUSE_ORDER = ['stale_bn_stats', 'lr_too_high', 'lr_too_low', 'dead_layer', 'dropout_too_strong', 'data_shift',
-                'worse_than_baseline']
+_CAUSE_ORDER = ['target_leak', 'stale_bn_stats', 'lr_too_high', 'lr_too_low', 'dead_layer', 'dropout_too_strong',
+                'data_shift', 'class_imbalance', 'worse_than_baseline', 'worse_than_linear', 'small_validation']
 
 
 def diagnose(learn, new_df=None, thresholds=None):
@@ -518,6 +519,7 @@ def diagnose(learn, new_df=None, thresholds=None):
     if new_df is not None: rows += _data_shift(learn, new_df)
     rows.append(_worse_than_baseline(learn, th, stale, pop))
     if not diverged: rows.append(_batch_size(learn, th, box))
+    rows += audit_findings(learn)  # issue 23: target_leak, worse_than_linear, class_imbalance, small_validation
     rows = [r for r in rows if r is not None]
     if not any(r['severity'] == 'warn' for r in rows):
         valid = _epoch_value(learn, 'valid_loss')

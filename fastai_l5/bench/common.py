@@ -50,6 +50,9 @@ class BenchConfig:
     diag_rows: int = 4000                # diagnose section: diamonds rows, epochs (150 steps at bs 64) and fits
     diag_epochs: int = 3
     diag_rounds: int = 5
+    report_epochs: int | None = None     # report_threads section: the recipe's epochs (None: its rule), repeats
+    report_repeats: int = 3
+    report_loads: tuple = (0, None)      # busy processes beside it (None: one per CPU)
     is_quick: bool = False
 
     @classmethod
@@ -58,7 +61,8 @@ class BenchConfig:
         return cls(**{**dict(n_rows=3_000, bs=256, layers=[40, 20], rounds=1, warmup=0, threads=(1,), deep_widths=[16],
                              opt_rounds=2, opt_steps=5, opt_warmup=1, pbn_batches=5, pbn_rounds=1, scale_rows=1_500,
                              widths=[[20, 10]], row_counts=[1_500], scale_rounds=1, scale_warmup=0, diag_rows=1500,
-                             diag_epochs=1, diag_rounds=1, is_quick=True),
+                             diag_epochs=1, diag_rounds=1, report_epochs=1, report_repeats=1, report_loads=(0,),
+                             is_quick=True),
                       **kwargs})
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import example_dls
-from . import diagnose_cost, memory, optimizer, overhead, precise_bn, scaling
+from . import diagnose_cost, memory, optimizer, overhead, precise_bn, report_threads, scaling
 from .common import BenchConfig, load_avg, log, machine_info
 from .fits import learner
 from .output import print_results, write_results
@@ -45,6 +45,8 @@ SECTIONS = {s.name: s for s in [
     Section('scaling', '5. Scaling: all three callbacks vs plain, by model width and by rows', scaling.section),
     Section('diagnose', '6. diagnose: its time (counterfactuals included) as a share of the fit it diagnoses',
             diagnose_cost.section),
+    Section('report_threads', "7. fastai-l5 report's time at 1 and the usual torch threads, quiet and beside a CPU load",
+            report_threads.section),
 ]}
 
 
