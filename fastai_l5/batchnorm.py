@@ -13,10 +13,9 @@ import torch
 from fastai.tabular.core import FillMissing, Normalize
 from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import LogTable, StepCallback, plot_per_layer, rank0_log, unwrap_model
-from .precise import (_all_sum, bn_layers, check_count, flat_stats, population_pass, precise_batch_count,
+from .core import Log, StepCallback, check_arg, check_count, plot_per_layer, unwrap_model
+from .precise import (BN_TYPES, GAP_COLUMNS, all_sum, bn_layers, flat_stats, population_pass, precise_batch_count,
                       precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss, warn_once)
 
 __all__ = ['BNDrift', 'bn_shift']
@@ -96,9 +95,21 @@ class BNDrift(StepCallback):
     precise pass's batch count and both validation losses are pooled over ranks and the gaps are taken from
     rank 0's running statistics (which DDP broadcasts before each forward), so `.precise_df` is the same on
     every rank; `.df` (and its file) is rank 0's alone."""
-    _stateattrs = StepCallback._stateattrs + ('_precise_log', '_layers', '_buffers')
-    drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
-    log_columns = ('step', 'epoch', 'layer') + drift_stats
+    _stateattrs = StepCallback._stateattrs + ('_layers', '_buffers')
+    logs = (Log('bn', 'step', ('epoch', 'layer'), {
+                'mean_shift': '|μ_B − μ_R| / √(σ²_R + eps), averaged over channels: the batch mean against the '
+                              'running mean before that batch',
+                'var_shift': '|log(σ²_B / σ²_R)|, averaged over channels: the batch variance (unbiased) against the '
+                             'running variance before that batch',
+                'mean_drift': '|μ_R − μ_0| / √(σ²_0 + eps), averaged over channels: how far the running mean moved '
+                              'since the fit began'}, doc='04_batchnorm'),
+            Log('bn_precise', 'epoch', ('layer',), {
+                **GAP_COLUMNS,
+                'valid_loss': "that epoch's validation loss with the running statistics",
+                'valid_loss_precise': "that epoch's validation loss with the population statistics"},
+                attr='precise_df', tags=tuple(GAP_COLUMNS), doc='04_batchnorm'))
+    # the validation losses are per epoch, not per layer: they reach TensorBoard/W&B as the progress table's column
+    drift_stats = tuple(logs[0].columns)
 
     def __init__(self, every=1, precise_every=None, precise_batches=50, path=None, keep=True):
         super().__init__()
@@ -112,17 +123,16 @@ class BNDrift(StepCallback):
     def _init_state(self):
         "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
-        self._put(_precise_log=LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise']),
-                  _layers=None, _buffers=None, _due=False)
+        self._set(_layers=None, _buffers=None, _due=False)
 
     @property
     def precise_df(self):
         "One row per (measured epoch, BN layer): `epoch`, `layer`, `mean_gap`, `var_gap`, `valid_loss`, `valid_loss_precise`."
-        return self._precise_log.df
+        return self.log_df('bn_precise')
 
     def reset(self):
         "Forget every logged row."
-        self.clear_log(); self._precise_log.clear()
+        self.clear_log()
 
     # --- setup -------------------------------------------------------------------------------
     def before_fit(self):
@@ -130,7 +140,7 @@ class BNDrift(StepCallback):
         super().before_fit()
         layers = _DriftLayers(require_bn(self.learn.model, 'BNDrift'))
         # staged buffers of one flush block: [slot, before/after, 2C]
-        self._put(_layers=layers, _buffers=layers.bufs[0].new_empty(self.flush_every, 2, 2 * layers.n_ch))
+        self._set(_layers=layers, _buffers=layers.bufs[0].new_empty(self.flush_every, 2, 2 * layers.n_ch))
         self._measured, self._last_loss_precise = False, math.nan
 
     # --- every logged training batch: copy the buffers, nothing else -------------------------
@@ -140,13 +150,13 @@ class BNDrift(StepCallback):
         if not self.learn.training: return
         n = self.n_train_batch + 1
         due = self.logs_here and n % self.every == 0
-        self._put(n_train_batch=n, _due=due, _fwd=False, _ran=False)
+        self._set(n_train_batch=n, _due=due, _fwd=False, _ran=False)
         if due: torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 0])
 
     def after_pred(self):
-        if self._due: self._put(_fwd=True)
+        if self._due: self._set(_fwd=True)
 
-    def after_step(self): self._put(_ran=self.count_step())
+    def after_step(self): self._set(_ran=self.count_step())
 
     def after_batch(self): self._stage_due()
 
@@ -159,7 +169,7 @@ class BNDrift(StepCallback):
     def _stage_due(self):
         "Stage the current batch if it was due and its forward pass ran (so its running stats moved)."
         if self._layers is None or not (self._due and self._fwd and self.learn.training): return
-        self._put(_due=False)
+        self._set(_due=False)
         torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 1])
         step = self.n_step if self._ran else self.n_step + 1   # a batch whose step was skipped feeds the next one
         self.stage((step, self.learn.epoch, *self._layers.state()))
@@ -212,15 +222,15 @@ class BNDrift(StepCallback):
         if not self._measured: return
         sums = torch.tensor([float(self._valid_sum), float(self._valid_n)], dtype=torch.float64,
                             device=self._layers.mods[0].running_mean.device)
-        loss_sum, n = _all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
+        loss_sum, n = all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
         valid_loss = loss_sum / n if n else float('nan')
-        self._precise_log.append(epoch=self.epoch, layer=self._layers.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
+        self.tables['bn_precise'].append(epoch=self.epoch, layer=self._layers.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 
     def after_fit(self):
         super().after_fit()
-        self._precise_log.flush()
-        self._put(_layers=None, _buffers=None)   # they hold the model's modules: not kept between fits
+        self.tables['bn_precise'].flush()
+        self._set(_layers=None, _buffers=None)   # they hold the model's modules: not kept between fits
 
     # --- plots -------------------------------------------------------------------------------
     _loss_lines = {'valid_loss': 'running (EMA) stats', 'valid_loss_precise': 'population stats'}
@@ -307,12 +317,12 @@ def bn_shift(learn, df, threshold=3., min_effect=0.1):
     columns (or holding non-numbers there)."""
     model = unwrap_model(learn.model)
     bn = getattr(model, 'bn_cont', None)
-    if not isinstance(bn, _BatchNorm) or bn.running_mean is None:
+    if not isinstance(bn, BN_TYPES) or bn.running_mean is None:
         raise ValueError("bn_shift reads what the model's `bn_cont` BatchNorm learned, and this model has none: "
                          "build it with tabular_config(bn_cont=True) (the default)")
     if not isinstance(df, pd.DataFrame): raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-    if not threshold > 0: raise ValueError(f"threshold={threshold!r} must be > 0")
-    if not min_effect >= 0: raise ValueError(f"min_effect={min_effect!r} must be >= 0 (0: significance alone)")
+    check_arg('threshold', threshold, threshold > 0, '> 0')
+    check_arg('min_effect', min_effect, min_effect >= 0, '>= 0 (0: significance alone)')
     conts = list(learn.dls.cont_names)
     if len(conts) != bn.num_features:
         raise ValueError(f"bn_cont has {bn.num_features} channels but the data has {len(conts)} continuous columns")
