@@ -17,8 +17,11 @@ from fastcore.foundation import L
 from matplotlib.figure import Figure
 from torch import nn
 
-from .core import unwrap_model
-from .precise import module_modes, preserved_rng
+from .batchnorm import BNDrift
+from .core import find_cb, unwrap_model
+from .dropout import DropoutSchedule
+from .momentum import MomentumLogger
+from .precise import PreciseBNCallback, module_modes, preserved_rng
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
            'plot_finding', 'findings_section']
@@ -64,9 +67,9 @@ def _finding(kind, severity, where, evidence, advice): return dict(kind=kind, se
                                                                    evidence=evidence, advice=advice)
 
 
-def _cb_df(learn, attr, log='df'):
-    "A callback's public log, or None when the callback is not attached or logged nothing."
-    cb = getattr(learn, attr, None)
+def _cb_df(learn, cls, log='df'):
+    "The public log of the attached callback of type `cls` (a subclass too), or None when none is or it logged nothing."
+    cb = find_cb(learn, cls)
     df = getattr(cb, log, None) if cb is not None else None
     return df if df is not None and len(df) else None
 
@@ -387,7 +390,7 @@ def diagnose(learn, new_df=None, thresholds=None):
         raise ValueError("diagnose reads the last fit from fastai's Recorder, which holds no training batch: fit "
                          "first, and call diagnose before learn.validate()/get_preds() (they reset it)")
     rows = []
-    mom = _cb_df(learn, 'momentum_logger')
+    mom = _cb_df(learn, MomentumLogger)
     mom = _last_epoch(mom) if mom is not None else None
     diverged = not np.isfinite(_train_losses(learn)).all()  # then gradient norms say nothing about dead layers
     too_low = _lr_too_low(learn, mom, th) if mom is not None and not diverged else None
@@ -395,12 +398,12 @@ def diagnose(learn, new_df=None, thresholds=None):
     if mom is not None: rows.append(None if diverged else _dead_layer(mom, th))
     else: rows.append(_info_missing('lr_too_low, dead_layer and the momentum half of lr_too_high', 'MomentumLogger()'))
     if _has(learn.model, nn.modules.batchnorm._BatchNorm):
-        pdf = _cb_df(learn, 'bn_drift', 'precise_df')
+        pdf = _cb_df(learn, BNDrift, 'precise_df')
         if pdf is not None: rows.append(_stale_bn(pdf, th))
-        elif _cb_df(learn, 'precise_bn_cb') is None:
+        elif _cb_df(learn, PreciseBNCallback) is None:
             rows.append(_info_missing('stale_bn_stats', 'BNDrift(precise_every=1)'))
-    if _has(learn.model, nn.modules.dropout._DropoutNd, 'p') or _cb_df(learn, 'dropout_schedule') is not None:
-        ddf = _cb_df(learn, 'dropout_schedule')
+    if _has(learn.model, nn.modules.dropout._DropoutNd, 'p') or _cb_df(learn, DropoutSchedule) is not None:
+        ddf = _cb_df(learn, DropoutSchedule)
         if ddf is not None: rows.append(_dropout_too_strong(learn, ddf, th))
         else: rows.append(_info_missing('dropout_too_strong', 'DropoutSchedule(...)'))
     if new_df is not None: rows += _data_shift(learn, new_df)
@@ -460,7 +463,7 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
     th = {**THRESHOLDS, **(thresholds or {})}
     kind, where = finding['kind'], finding['where']
     if kind == 'lr_too_low':
-        mom = learn.momentum_logger.df
+        mom = find_cb(learn, MomentumLogger).df
         fig, ax = _axes('lr_too_low: update/param ratio per layer')
         for layer, g in mom.groupby('layer', sort=False): ax.plot(g['step'], g['update_ratio'], lw=.8, label=str(layer))
         ax.axhline(1e-3, c='k', lw=1, label='the usual ~1e-3')
@@ -478,19 +481,19 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
             if valid is not None: ax.axhline(valid, c='k', lw=1, label='validation loss')
         ax.set_xlabel('batch')
     elif kind == 'stale_bn_stats':
-        pdf = learn.bn_drift.precise_df.groupby('epoch')[['valid_loss', 'valid_loss_precise']].first()
+        pdf = find_cb(learn, BNDrift).precise_df.groupby('epoch')[['valid_loss', 'valid_loss_precise']].first()
         fig, ax = _axes('stale_bn_stats: validation loss')
         ax.plot(pdf.index, pdf['valid_loss'], 'o-', label='running statistics')
         ax.plot(pdf.index, pdf['valid_loss_precise'], 's-', label='population statistics')
         ax.plot(pdf.index, (1 - th['bn_gain']) * pdf['valid_loss'], 'r--', label='threshold')
         ax.set_xlabel('epoch')
     elif kind == 'dropout_too_strong':
-        ddf = learn.dropout_schedule.df
+        ddf = find_cb(learn, DropoutSchedule).df
         fig, ax = _axes('dropout_too_strong: p per layer')
         for layer, g in ddf.groupby('layer', sort=False): ax.plot(g['step'], g['p'], label=str(layer))
         ax.axhline(th['high_p'], ls='--', c='r', label='threshold'); ax.set_xlabel('step')
     elif kind == 'dead_layer':
-        mom = learn.momentum_logger.df
+        mom = find_cb(learn, MomentumLogger).df
         fig, ax = _axes('dead_layer: gradient norm per layer')
         for layer, g in mom.groupby('layer', sort=False):
             ax.plot(g['step'], g['grad_norm'].clip(lower=1e-12), lw=2 if layer == where else .7, label=str(layer))
