@@ -238,9 +238,12 @@ class DropoutSchedule(StepCallback):
         return plot_per_layer(self.df, 'p', layers=layers, x=x, title='dropout p applied in training', ncols=1, ax=ax)
 
 
-# A fit that raises skips `after_fit` (fastai's `_with_events` only catches its Cancel exceptions), and
-# callbacks passed to `fit(cbs=...)` are detached before the exception leaves `fit`. So `Learner.fit` (which
-# `fit_one_cycle`, `fine_tune` and `lr_find` call) gets a wrapper that gives p back on the way out.
+# A fit that raises skips `after_fit`: fastai's `Learner._with_events` catches only its own Cancel exception
+# (`try: before; f() except ex: after_cancel` then `after; final`), and `Learner.added_cbs` detaches the callbacks
+# passed to `fit(cbs=...)` in a `finally` that fires no event. So no callback event, and no scoped hook of fastai,
+# runs on the way out of a raising fit (checked against fastai 2.8.12); a callback attached to the Learner is not
+# even detached. `Learner.fit` (which `fit_one_cycle`, `fine_tune` and `lr_find` call) therefore gets a wrapper that
+# gives p back on the way out and re-raises; it calls fastai's `fit` unchanged.
 _UNRESTORED = weakref.WeakSet()
 _fastai_fit = getattr(Learner.fit, '__wrapped__', Learner.fit)
 

@@ -159,9 +159,9 @@ class ForeachOptimizer(Optimizer):
         made again when which parameters have a gradient, which groups share hypers, a `do_wd` flag or the state
         itself (`clear_state`, `load_state_dict`, which `freeze`/`unfreeze` call) changes."""
         grads = [p.grad for pg in self.param_lists for p in pg]
-        hkeys = [tuple(h.items()) for h in self.hypers]
-        sig = (id(self.state), tuple(map(hkeys.index, hkeys)), [g is None for g in grads])
-        if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hkeys), sig
+        hyper_keys = [tuple(h.items()) for h in self.hypers]
+        sig = (id(self.state), tuple(map(hyper_keys.index, hyper_keys)), [g is None for g in grads])
+        if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hyper_keys), sig
         res = []
         for gi, do_wd, idx, ps, states, _ in self._plan:
             for st in states: st['step'] += 1
@@ -171,18 +171,18 @@ class ForeachOptimizer(Optimizer):
     def _plan_flags_hold(self):
         return all([st.get('do_wd', True) for st in states] == flags for *_, states, flags in self._plan)
 
-    def _make_plan(self, hkeys):
+    def _make_plan(self, hyper_keys):
         """`[(group index, do_wd, indices in the flat parameter list, params, states, do_wd flags)]` for `_buckets`,
         creating the state buffers (at zero, as fastai's) on the way."""
         buckets = {}
-        for i, (p, hkey) in enumerate((p, hkey) for pg, hkey in zip(self.param_lists, hkeys) for p in pg):
+        for i, (p, hyper_key) in enumerate((p, hyper_key) for pg, hyper_key in zip(self.param_lists, hyper_keys) for p in pg):
             if p.grad is None: continue
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
             st = self.state[p]
             for k in self.state_keys:
                 if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            key = (hkeys.index(hkey), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
+            key = (hyper_keys.index(hyper_key), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
             idx, ps, states = buckets.setdefault(key, ([], [], []))
             idx.append(i); ps.append(p); states.append(st)
         return [(gi, do_wd, idx, ps, states, [do_wd] * len(ps)) for (gi, do_wd, *_), (idx, ps, states) in buckets.items()]

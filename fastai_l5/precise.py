@@ -168,7 +168,7 @@ def _bn_pass_mode(model, bns, dropout=True):
             yield
         finally:
             for bn, mom in momenta: bn.momentum = mom
-            for bn, nbt in tracked: bn.num_batches_tracked.copy_(nbt)
+            for bn, counts in tracked: bn.num_batches_tracked.copy_(counts)
 
 
 class _MomentAccumulator:
