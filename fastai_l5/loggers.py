@@ -129,6 +129,7 @@ class LoggerBridge(Callback):
     order, _stateattrs = 52, ('targets', 'wandb', 'tables')
 
     def __init__(self, loggers):
+        super().__init__()
         tb_cls, wandb_cls = _logger_class(_TENSORBOARD), _logger_class(_WANDB)
         tb = [_TensorBoard(cb) for cb in loggers if tb_cls is not None and isinstance(cb, tb_cls)]
         self.wandb = _Wandb() if wandb_cls is not None and any(isinstance(cb, wandb_cls) for cb in loggers) else None
