@@ -13,10 +13,9 @@ import torch
 from fastai.tabular.core import FillMissing, Normalize
 from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import LogTable, StepCallback, plot_per_layer, rank0_log, unwrap_model
-from .precise import (_all_sum, bn_layers, check_count, flat_stats, population_pass, precise_batch_count,
+from .core import Log, StepCallback, check_arg, check_count, plot_per_layer, unwrap_model
+from .precise import (BN_TYPES, GAP_COLUMNS, all_sum, bn_layers, flat_stats, population_pass, precise_batch_count,
                       precise_bn, preserved_rng, require_bn, set_flat_stats, valid_loss, warn_once)
 
 __all__ = ['BNDrift', 'bn_shift']
@@ -46,21 +45,21 @@ class _DriftLayers:
     def state(self):
         "What a row needs besides the buffers, read from Python attributes: momenta, modes, and the CMA counters' tensor."
         moms = tuple(bn.momentum for bn in self.mods)
-        nbt = torch.stack([bn.num_batches_tracked for bn in self.mods]) if None in moms else None
-        return moms, tuple(bn.training for bn in self.mods), nbt
+        counts = torch.stack([bn.num_batches_tracked for bn in self.mods]) if None in moms else None
+        return moms, tuple(bn.training for bn in self.mods), counts
 
     @staticmethod
-    def inv_momentum(moms, nbt):
+    def inv_momentum(moms, counts):
         "Per layer, 1/m of the running-stat update that ran: inf for m = 0, num_batches_tracked (host array) for a cumulative average (m = None)."
-        return np.array([n if m is None else (math.inf if m == 0 else 1 / m) for m, n in zip(moms, nbt)], dtype=np.float32)
+        return np.array([n if m is None else (math.inf if m == 0 else 1 / m) for m, n in zip(moms, counts)], dtype=np.float32)
 
-    def drift(self, before, after, inv_m, live):
+    def drift(self, before, after, one_over_m, live):
         """k × 3 × n_layers: mean_shift, var_shift, mean_drift of k staged batches, each averaged over the
         layer's channels, in numpy (one pass per formula over the block; no thread pool to wake). `before`,
-        `after`: k × 2C running buffers around each batch; `inv_m`, `live`: k × n_layers."""
+        `after`: k × 2C running buffers around each batch; `one_over_m`, `live`: k × n_layers."""
         C = self.n_ch
         with np.errstate(divide='ignore', invalid='ignore'):   # m = 0 and dead units give NaN and inf, as documented
-            step_over_m = (after - before) * np.tile(np.repeat(inv_m, self.sizes, axis=1), 2)   # (μ_B − μ_R, σ²_B − σ²_R)
+            step_over_m = (after - before) * np.tile(np.repeat(one_over_m, self.sizes, axis=1), 2)   # (μ_B − μ_R, σ²_B − σ²_R)
             mean_r, var_r = before[:, :C], before[:, C:]
             stats = np.stack([np.abs(step_over_m[:, :C]) / np.sqrt(var_r + self.eps),
                               np.abs(np.log1p(step_over_m[:, C:] / var_r)),                    # |log(σ²_B / σ²_R)|
@@ -96,9 +95,21 @@ class BNDrift(StepCallback):
     precise pass's batch count and both validation losses are pooled over ranks and the gaps are taken from
     rank 0's running statistics (which DDP broadcasts before each forward), so `.precise_df` is the same on
     every rank; `.df` (and its file) is rank 0's alone."""
-    _stateattrs = StepCallback._stateattrs + ('_precise_log', '_layers', '_buffers')
-    drift_stats = ('mean_shift', 'var_shift', 'mean_drift')
-    log_columns = ('step', 'epoch', 'layer') + drift_stats
+    _stateattrs = StepCallback._stateattrs + ('_layers', '_buffers')
+    logs = (Log('bn', 'step', ('epoch', 'layer'), {
+                'mean_shift': '|μ_B − μ_R| / √(σ²_R + eps), averaged over channels: the batch mean against the '
+                              'running mean before that batch',
+                'var_shift': '|log(σ²_B / σ²_R)|, averaged over channels: the batch variance (unbiased) against the '
+                             'running variance before that batch',
+                'mean_drift': '|μ_R − μ_0| / √(σ²_0 + eps), averaged over channels: how far the running mean moved '
+                              'since the fit began'}, doc='04_batchnorm'),
+            Log('bn_precise', 'epoch', ('layer',), {
+                **GAP_COLUMNS,
+                'valid_loss': "that epoch's validation loss with the running statistics",
+                'valid_loss_precise': "that epoch's validation loss with the population statistics"},
+                attr='precise_df', tags=tuple(GAP_COLUMNS), doc='04_batchnorm'))
+    # the validation losses are per epoch, not per layer: they reach TensorBoard/W&B as the progress table's column
+    drift_stats = tuple(logs[0].columns)
 
     def __init__(self, every=1, precise_every=None, precise_batches=50, path=None, keep=True):
         super().__init__()
@@ -112,17 +123,16 @@ class BNDrift(StepCallback):
     def _init_state(self):
         "Fresh log state; also what an unpickled copy (`load_learner`) starts with: in memory, never the CSV file."
         super()._init_state()
-        self._put(_precise_log=LogTable(['epoch', 'layer', 'mean_gap', 'var_gap', 'valid_loss', 'valid_loss_precise']),
-                  _layers=None, _buffers=None, _due=False)
+        self._set(_layers=None, _buffers=None, _batch_logged=False)
 
     @property
     def precise_df(self):
         "One row per (measured epoch, BN layer): `epoch`, `layer`, `mean_gap`, `var_gap`, `valid_loss`, `valid_loss_precise`."
-        return self._precise_log.df
+        return self.log_df('bn_precise')
 
     def reset(self):
         "Forget every logged row."
-        self.clear_log(); self._precise_log.clear()
+        self.clear_log()
 
     # --- setup -------------------------------------------------------------------------------
     def before_fit(self):
@@ -130,7 +140,7 @@ class BNDrift(StepCallback):
         super().before_fit()
         layers = _DriftLayers(require_bn(self.learn.model, 'BNDrift'))
         # staged buffers of one flush block: [slot, before/after, 2C]
-        self._put(_layers=layers, _buffers=layers.bufs[0].new_empty(self.flush_every, 2, 2 * layers.n_ch))
+        self._set(_layers=layers, _buffers=layers.bufs[0].new_empty(self.flush_every, 2, 2 * layers.n_ch))
         self._measured, self._last_loss_precise = False, math.nan
 
     # --- every logged training batch: copy the buffers, nothing else -------------------------
@@ -140,13 +150,13 @@ class BNDrift(StepCallback):
         if not self.learn.training: return
         n = self.n_train_batch + 1
         due = self.logs_here and n % self.every == 0
-        self._put(n_train_batch=n, _due=due, _fwd=False, _ran=False)
+        self._set(n_train_batch=n, _batch_logged=due, _forward_ran=False, _step_ran=False)
         if due: torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 0])
 
     def after_pred(self):
-        if self._due: self._put(_fwd=True)
+        if self._batch_logged: self._set(_forward_ran=True)
 
-    def after_step(self): self._put(_ran=self.count_step())
+    def after_step(self): self._set(_step_ran=self.count_step())
 
     def after_batch(self): self._stage_due()
 
@@ -158,22 +168,22 @@ class BNDrift(StepCallback):
 
     def _stage_due(self):
         "Stage the current batch if it was due and its forward pass ran (so its running stats moved)."
-        if self._layers is None or not (self._due and self._fwd and self.learn.training): return
-        self._put(_due=False)
+        if self._layers is None or not (self._batch_logged and self._forward_ran and self.learn.training): return
+        self._set(_batch_logged=False)
         torch.cat(self._layers.bufs, out=self._buffers[len(self._staged), 1])
-        step = self.n_step if self._ran else self.n_step + 1   # a batch whose step was skipped feeds the next one
+        step = self.n_step if self._step_ran else self.n_step + 1   # a batch whose step was skipped feeds the next one
         self.stage((step, self.learn.epoch, *self._layers.state()))
 
     def rows(self, entries):
         "The drift columns of the staged block: one copy of the raw buffers to the host, then derived at once."
         layers, k = self._layers, len(entries)
-        steps, epochs, moms, live, nbts = zip(*entries)
-        counted = next((t for t in nbts if t is not None), None)   # num_batches_tracked, staged where some m is None
-        nbts = [[None] * layers.n_layers] * k if counted is None else \
-            torch.stack([counted.new_zeros(layers.n_layers) if t is None else t for t in nbts]).cpu().numpy()
-        inv_m = np.stack([layers.inv_momentum(m, n) for m, n in zip(moms, nbts)])
+        steps, epochs, moms, live, batch_counts = zip(*entries)
+        counted = next((t for t in batch_counts if t is not None), None)   # num_batches_tracked, staged where some m is None
+        batch_counts = [[None] * layers.n_layers] * k if counted is None else \
+            torch.stack([counted.new_zeros(layers.n_layers) if t is None else t for t in batch_counts]).cpu().numpy()
+        one_over_m = np.stack([layers.inv_momentum(m, n) for m, n in zip(moms, batch_counts)])
         staged = self._buffers[:k].float().cpu().numpy()
-        block = layers.drift(staged[:, 0], staged[:, 1], inv_m, np.array(live))
+        block = layers.drift(staged[:, 0], staged[:, 1], one_over_m, np.array(live))
         n = layers.n_layers
         return dict(step=np.repeat(steps, n), epoch=np.repeat(epochs, n), layer=np.tile(np.array(layers.names, dtype=object), k),
                     **{s: block[:, i].ravel() for i, s in enumerate(self.drift_stats)})
@@ -212,15 +222,15 @@ class BNDrift(StepCallback):
         if not self._measured: return
         sums = torch.tensor([float(self._valid_sum), float(self._valid_n)], dtype=torch.float64,
                             device=self._layers.mods[0].running_mean.device)
-        loss_sum, n = _all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
+        loss_sum, n = all_sum(sums).tolist()   # every rank: the validation loss over all ranks' samples
         valid_loss = loss_sum / n if n else float('nan')
-        self._precise_log.append(epoch=self.epoch, layer=self._layers.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
+        self.tables['bn_precise'].append(epoch=self.epoch, layer=self._layers.names, mean_gap=self._gaps['mean_gap'].to_numpy(), var_gap=self._gaps['var_gap'].to_numpy(),
                                  valid_loss=valid_loss, valid_loss_precise=self._last_loss_precise)
 
     def after_fit(self):
         super().after_fit()
-        self._precise_log.flush()
-        self._put(_layers=None, _buffers=None)   # they hold the model's modules: not kept between fits
+        self.tables['bn_precise'].flush()
+        self._set(_layers=None, _buffers=None)   # they hold the model's modules: not kept between fits
 
     # --- plots -------------------------------------------------------------------------------
     _loss_lines = {'valid_loss': 'running (EMA) stats', 'valid_loss_precise': 'population stats'}
@@ -231,27 +241,27 @@ class BNDrift(StepCallback):
         stats = list(L(stats))
         unknown = [s for s in stats if s not in self.drift_stats]
         if unknown: raise ValueError(f"unknown stats {unknown}; choose from {list(self.drift_stats)}")
-        df, pdf = self.df, self.precise_df
+        df, precise = self.df, self.precise_df
         frames, panels = [df.drop(columns='epoch')], stats if len(df) else []
-        if len(pdf):
-            per_epoch = pdf.groupby('epoch', sort=True)[list(self._loss_lines)].first()
-            frames += [pdf.drop(columns=list(self._loss_lines))]
+        if len(precise):
+            per_epoch = precise.groupby('epoch', sort=True)[list(self._loss_lines)].first()
+            frames += [precise.drop(columns=list(self._loss_lines))]
             frames += [pd.DataFrame({'epoch': per_epoch.index, 'layer': line, 'valid loss': per_epoch[col].to_numpy()})
                        for col, line in self._loss_lines.items()]
             panels += ['mean_gap', 'var_gap', 'valid loss']
         per_epoch_panels = dict.fromkeys(['mean_gap', 'var_gap', 'valid loss'], 'epoch')
-        if layers is not None: layers = L(layers) + (L(self._loss_lines.values()) if len(pdf) else L())
+        if layers is not None: layers = L(layers) + (L(self._loss_lines.values()) if len(precise) else L())
         fig = plot_per_layer(pd.concat(frames, ignore_index=True), panels, layers=layers, x=per_epoch_panels,
                              fmt=dict.fromkeys(per_epoch_panels, 'o-'), ncols=3 if len(panels) > 4 else 2,
-                             title='BatchNorm: batch vs running statistics' + (', EMA vs population' if len(pdf) else ''))
-        if len(pdf): fig.axes[len(panels) - 1].legend(fontsize='small')
+                             title='BatchNorm: batch vs running statistics' + (', EMA vs population' if len(precise) else ''))
+        if len(precise): fig.axes[len(panels) - 1].legend(fontsize='small')
         return fig
 
 
 # ---------------------------------------------------------------------------------------------
 # bn_shift
 
-def _proc(learn, cls):
+def _tabular_proc(learn, cls):
     procs = getattr(learn.dls, 'procs', None) or getattr(getattr(learn.dls, 'train_ds', None), 'procs', None) or []
     return next((p for p in procs if isinstance(p, cls)), None)
 
@@ -307,12 +317,12 @@ def bn_shift(learn, df, threshold=3., min_effect=0.1):
     columns (or holding non-numbers there)."""
     model = unwrap_model(learn.model)
     bn = getattr(model, 'bn_cont', None)
-    if not isinstance(bn, _BatchNorm) or bn.running_mean is None:
+    if not isinstance(bn, BN_TYPES) or bn.running_mean is None:
         raise ValueError("bn_shift reads what the model's `bn_cont` BatchNorm learned, and this model has none: "
                          "build it with tabular_config(bn_cont=True) (the default)")
     if not isinstance(df, pd.DataFrame): raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-    if not threshold > 0: raise ValueError(f"threshold={threshold!r} must be > 0")
-    if not min_effect >= 0: raise ValueError(f"min_effect={min_effect!r} must be >= 0 (0: significance alone)")
+    check_arg('threshold', threshold, threshold > 0, '> 0')
+    check_arg('min_effect', min_effect, min_effect >= 0, '>= 0 (0: significance alone)')
     conts = list(learn.dls.cont_names)
     if len(conts) != bn.num_features:
         raise ValueError(f"bn_cont has {bn.num_features} channels but the data has {len(conts)} continuous columns")
@@ -321,9 +331,9 @@ def bn_shift(learn, df, threshold=3., min_effect=0.1):
     if not len(df): raise ValueError("df has no rows")
     try: x = df[conts].apply(pd.to_numeric).astype('float64')
     except (TypeError, ValueError) as e: raise ValueError(f"the continuous columns of df must be numeric: {e}") from e
-    fill = _proc(learn, FillMissing)
+    fill = _tabular_proc(learn, FillMissing)
     if fill is not None: x = x.fillna({c: float(v) for c, v in fill.na_dict.items() if c in conts})
-    norm = _proc(learn, Normalize)
+    norm = _tabular_proc(learn, Normalize)
     scale = np.array([float(norm.stds[c]) for c in conts]) if norm is not None else np.ones(len(conts))
     offset = np.array([float(norm.means[c]) for c in conts]) if norm is not None else np.zeros(len(conts))
     mean_r, var_r = bn.running_mean.detach().double().cpu().numpy(), bn.running_var.detach().double().cpu().numpy()

@@ -76,9 +76,10 @@ def _parser():
 
 def _summary(learn, path, name):
     lines = [f"fastai_l5 {name}: what was trained"] + [f"  {k}: {v}" for k, v in learn.l5_trained]
+    from .core import find_cb
     from .report import SECTIONS
-    for attr, _, _ in SECTIONS:
-        cb = getattr(learn, attr, None)
+    for cls, attr, _, _ in SECTIONS:
+        cb = find_cb(learn, cls)
         if cb is not None: lines.append(f"  {attr}: {len(cb.df):,} rows logged")
     import pandas as pd
     from .diagnose import findings_lines

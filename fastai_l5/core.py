@@ -1,10 +1,19 @@
-"""What every fastai_l5 callback shares: the telemetry pipeline (`StepCallback`: real-step counting,
-staging on the device, one flush policy, rank 0, per-epoch columns in fastai's progress table) and its host
-side (`LogTable`: numpy blocks, CSV streaming, a sink for TensorBoard/W&B), layer names, and per-layer plots."""
+"""What every fastai_l5 callback shares: the declared logs (`Log`: each log's tag prefix, step column, index
+and the meaning of every measured column, written once; `log_table` renders them), the telemetry pipeline
+(`StepCallback`: real-step counting, staging on the device, one flush policy, rank 0, per-epoch columns in
+fastai's progress table) and its host side (`LogTable`: numpy blocks, CSV streaming, a sink for TensorBoard/W&B),
+finding a callback by type (`find_cb`), argument checks with one message shape (`check_arg`, `check_in_range`,
+`check_count`), layer names, and per-layer plots.
+
+This module imports no other module of the package. The loggers (`fastai_l5.loggers`) sit above it: when
+imported (every telemetry module imports them) they add their hook to `LOGGER_HOOKS`, which
+`StepCallback.before_fit` calls; so `core` never names them."""
 from __future__ import annotations
 
 import csv
 import math
+import numbers
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +27,102 @@ from fastcore.foundation import L
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ['StepCallback', 'LogTable', 'rank0_log', 'is_rank0', 'unwrap_model', 'layer_params', 'param_layer_names',
-           'plot_per_layer', 'new_figure', 'check_in_range']
+__all__ = ['Log', 'log_table', 'find_cb', 'StepCallback', 'LogTable', 'rank0_log', 'is_rank0', 'unwrap_model',
+           'layer_params', 'param_layer_names', 'plot_per_layer', 'new_figure', 'check_arg', 'check_in_range',
+           'check_count', 'LOGGER_HOOKS']
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks: one place, one message shape (torch's `Invalid learning rate: -1`)
+
+def check_arg(name, value, ok, want):
+    "`value`, or `ValueError(f'Invalid {name}: {value!r} (must be {want})')` unless `ok`."
+    if not ok: raise ValueError(f"Invalid {name}: {value!r} (must be {want})")
+    return value
+
+
+def _num(x): return f'{x:g}' if isinstance(x, float) else str(x)
 
 
 def check_in_range(name, value, lo=0., hi=1., lo_open=False, hi_open=True):
-    "Raise `ValueError` naming `name` and `value` unless `value` lies in the interval lo..hi."
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi) or (isinstance(value, float) and math.isnan(value)):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}={value!r} is outside {interval}")
-    return value
+    "`value`, or a `ValueError` naming `name` and `value` unless it is a number in the interval lo..hi (NaN never is)."
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    return check_arg(name, value, ok, f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}")
+
+
+def check_count(name, value, lo=1):
+    "`value` as an `int`, or a `ValueError` naming `name` unless it is an integer ≥ `lo`."
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo
+    return int(check_arg(name, value, ok, f"an integer >= {lo}"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Declared logs
+
+INDEX_MEANINGS = {
+    'step': 'the optimizer step that ran (counted from 1, across fits; skipped steps are not steps)',
+    'epoch': "fastai's epoch within the fit",
+    'pct': 'the fraction of this fit done, as `ParamScheduler` sees it (`learn.pct_train`)',
+    'layer': 'the module, by its path in `model.named_modules()`'}
+
+
+@dataclass(frozen=True)
+class Log:
+    """One log a callback keeps, declared once: `name` is the tag prefix the loggers use (`{name}/{column}/{layer}`),
+    `x` the step column (`step` or `epoch`), `index` the other columns that place a row (e.g. `layer`), `columns`
+    `{column: meaning}` of the measured columns (the math, one sentence each). `attr` is the callback's property
+    that reads the log as a DataFrame; `tags` the measured columns sent to TensorBoard/W&B (default all);
+    `doc` the docs page that explains it."""
+    name: str
+    x: str
+    index: tuple
+    columns: dict
+    attr: str = 'df'
+    tags: tuple = None
+    doc: str = ''
+
+    @property
+    def all_columns(self):
+        "Every column of the log, in order: `x`, the index, the measured columns."
+        return [self.x, *self.index, *self.columns]
+
+    @property
+    def tagged(self):
+        "The measured columns the loggers send."
+        return list(self.columns) if self.tags is None else list(self.tags)
+
+    def meaning(self, column):
+        "What `column` holds (the index columns' meanings are shared: `INDEX_MEANINGS`)."
+        return self.columns[column] if column in self.columns else INDEX_MEANINGS.get(column, '')
+
+
+def log_table(cls, fmt='markdown'):
+    """The column table of a callback class's declared `logs` (or of one `Log`): one row per column, with the log
+    it belongs to (`.df`, `.precise_df`), whether it is the step or index column, and its meaning. `fmt`:
+    'markdown', 'html' or 'frame' (a DataFrame)."""
+    logs = (cls,) if isinstance(cls, Log) else tuple(getattr(cls, 'logs', ()))
+    if not logs: raise ValueError(f"{getattr(cls, '__name__', cls)!r} declares no logs (a class attribute `logs`)")
+    rows = [(f'.{log.attr}', c, 'x' if c == log.x else ('index' if c in log.index else 'measured'), log.meaning(c))
+            for log in logs for c in log.all_columns]
+    df = pd.DataFrame(rows, columns=['log', 'column', 'kind', 'meaning'])
+    if fmt == 'frame': return df
+    if fmt == 'html': return df.to_html(index=False, escape=True)
+    if fmt != 'markdown': raise ValueError(f"Invalid fmt: {fmt!r} (must be 'markdown', 'html' or 'frame')")
+    esc = lambda v: str(v).replace('|', r'\|')
+    lines = ['| ' + ' | '.join(df.columns) + ' |', '| ' + ' | '.join('---' for _ in df.columns) + ' |']
+    lines += ['| ' + ' | '.join(esc(v) if i != 1 else f'`{v}`' for i, v in enumerate(r)) + ' |' for r in df.itertuples(index=False)]
+    return '\n'.join(lines)
+
+
+def find_cb(learn, cls):
+    "The callback of type `cls` (or a subclass) attached to `learn`, or None: found by type, so a renamed subclass is found."
+    return next((cb for cb in getattr(learn, 'cbs', ()) if isinstance(cb, cls)), None)
+
+
+# callables `hook(cb)` that `StepCallback.before_fit` runs to wire a callback's tables to the fit's loggers;
+# `fastai_l5.loggers` adds its `attach_sinks` when imported (core imports no module of the package)
+LOGGER_HOOKS = []
 
 
 def unwrap_model(model):
@@ -141,70 +234,78 @@ def _concat(arrays):
 
 
 class StepCallback(Callback):
-    """The telemetry pipeline every fastai_l5 callback shares: a subclass says only *what* it measures, this
-    class owns how a measurement becomes a logged row.
+    """The telemetry pipeline every fastai_l5 callback shares: a subclass declares *what* it logs (`logs`, a
+    tuple of `Log`) and measures it; this class owns how a measurement becomes a logged row.
 
+    - **Logs.** One `LogTable` per declared `Log`, in `self.tables[log.name]`; the first is the step log that
+      staging feeds (`self.table`, read by `.df`), any other is appended by the subclass itself (BNDrift's
+      `precise_df`). `log_df(name)` reads any of them.
     - **Steps.** `n_step` counts optimizer steps that really ran, from 1, across fits. fastai fires `after_step`
       even when `MixedPrecision` or `GradientAccumulation` cancelled the step, so a subclass calls
       `self.count_step()` once in `after_step`: True (and `n_step` advanced) if the step ran.
     - **Staging.** `self.stage(entry)` keeps one logged step's measurement, any object (its tensors stay on
       their device: no host sync per step). The staged entries are flushed every `flush_every` entries, at the
       end of every training phase, after the fit and when `.df` is read: the subclass's `rows(entries)` turns
-      them into one block (dict column -> sequence of values, tensors allowed) and `self.table`, a `LogTable`
-      with the columns `log_columns`, moves it to the host, its CSV file and its `sink` in one copy.
+      them into one block (dict column -> sequence of values, tensors allowed) and `self.table` moves it to the
+      host, its CSV file and its `sink` in one copy.
     - **Rank 0.** Under `torch.distributed` only rank 0 logs: `self.logs_here` (set in `before_fit`) is False
       elsewhere, and a subclass measures and stages only where it is True. `open_log(path, keep)` (called in
-      `__init__`) streams the table to `path` on rank 0 only.
-    - **Hot path.** Attributes that change every step are written with `self._put(name=value)`: it writes the
-      instance dict directly, skipping `Callback.__setattr__`'s check for names that shadow the `Learner`'s
-      (a dictionary lookup through the learner per write; our names never shadow).
-    - **Pickling** (`learn.export`). `table`, the staged entries and the names a subclass adds to
-      `_stateattrs` are left out; an unpickled callback (`load_learner`) runs `_init_state` and starts a fresh
-      log in memory, never touching the CSV file. `n_step` is kept.
+      `__init__`) streams the step log to `path` on rank 0 only.
+    - **Pickling** (`learn.export`). The tables, the staged entries and the names a subclass adds to
+      `_stateattrs` are left out; an unpickled callback (`load_learner`) runs `_init_state` and starts fresh
+      logs in memory, never touching the CSV file. `n_step` is kept.
     - **Progress table.** `epoch_columns` `{name: method_name}` become `ValueMetric`s appended to
       `learn.metrics` in `before_fit` (so they reach `CSVLogger`, W&B and TensorBoard too) and removed in
       `after_fit`; not under `validate`/`get_preds` (logger `noop`), so those return what they always return.
       `self.epoch_mean(column)` is the mean of a logged column over this epoch's rows (NaN left out).
-    - **Loggers.** `before_fit` calls `attach_loggers()`, the one place the tables are wired to a
-      TensorBoard/W&B logger of the same fit (each table's `sink`; none when no such logger is attached).
+    - **Loggers.** `before_fit` runs the `LOGGER_HOOKS` (`fastai_l5.loggers` wires each table's `sink` to a
+      TensorBoard/W&B logger of the same fit, by the table's `Log`).
 
-    A subclass that defines `before_fit`, `before_epoch`, `after_train`, `after_fit` or `after_backward` calls
-    `super()` there."""
+    A subclass calls `super().__init__()` and, if it defines `before_fit`, `before_epoch`, `after_train`,
+    `after_fit` or `after_backward`, `super()` there."""
     # after MixedPrecision (10, unscales grads) and DistributedTrainer (11, swaps modules), before
     # Recorder (50), whose before_fit reads the metric names
     order, n_step, epoch_columns = 40, 0, {}
-    log_columns = ()   # the columns of `self.table`; a callback that keeps no step log leaves it empty
+    logs = ()          # the declared logs (`Log`); the first is the staged step log
     flush_every = 64   # staged entries that move to the host together
     logs_here, table = True, None
-    _stateattrs = ('table', '_staged', '_epoch_sums')
+    _stateattrs = ('table', 'tables', '_staged', '_epoch_sums')
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._init_state()  # fastai's `Callback.__init__` does not reach `Stateful`'s
 
     def _init_state(self):
-        "A fresh, empty log in memory: what a new callback starts with and what an unpickled one gets."
+        "Fresh, empty logs in memory: what a new callback starts with and what an unpickled one gets."
         super()._init_state()
-        self._put(table=LogTable(self.log_columns) if self.log_columns else None, _staged=[], _epoch_sums={})
+        tables = {log.name: LogTable(log.all_columns) for log in self.logs}
+        self._set(tables=tables, table=next(iter(tables.values()), None), _staged=[], _epoch_sums={})
 
     def open_log(self, path=None, keep=True):
-        "Start the log: in memory (`keep`) and, on rank 0, streamed to the CSV file at `path` (see `LogTable`)."
-        self._put(table=rank0_log(self.log_columns, path=path, keep=keep))
+        "Start the step log: in memory (`keep`) and, on rank 0, streamed to the CSV file at `path` (see `LogTable`)."
+        table = rank0_log(self.logs[0].all_columns, path=path, keep=keep)
+        self._set(table=table, tables={**self.tables, self.logs[0].name: table})
 
-    def _put(self, **attrs):
-        "Set attributes on the hot path (see the class docstring)."
+    def log_df(self, name):
+        "The rows of the declared log `name`, as a `DataFrame`."
+        if name == self.logs[0].name: self.flush_log()
+        return self.tables[name].df
+
+    def _set(self, **attrs):
+        """Set attributes without `Callback.__setattr__`'s check for names that shadow the `Learner`'s (a lookup
+        through the learner per write, on the hot path; our names never shadow)."""
         self.__dict__.update(attrs)
 
     # ---- steps
     def count_step(self):
         "Call once in `after_step`: True, and `n_step` advanced, if the optimizer really stepped."
         ran = not self.__dict__.get('_step_cancelled', False)
-        if ran: self._put(n_step=self.n_step + 1)
-        else: self._put(_step_cancelled=False)
+        if ran: self._set(n_step=self.n_step + 1)
+        else: self._set(_step_cancelled=False)
         return ran
 
-    def after_backward(self): self._put(_step_cancelled=False)
-    def after_cancel_step(self): self._put(_step_cancelled=True)
+    def after_backward(self): self._set(_step_cancelled=False)
+    def after_cancel_step(self): self._set(_step_cancelled=True)
 
     # ---- staging and flushing
     def stage(self, entry):
@@ -213,14 +314,14 @@ class StepCallback(Callback):
         if len(self._staged) >= self.flush_every: self.flush_log()
 
     def rows(self, entries):
-        "The log block of `entries` (as staged): a dict `{column: sequence or scalar}` over `log_columns`."
+        "The log block of `entries` (as staged): a dict `{column: sequence or scalar}` over the step log's columns."
         raise NotImplementedError
 
     def flush_log(self):
         "Move the staged entries into the log as one block, and add them to this epoch's column means."
         if not self._staged: return
         staged = self._staged
-        self._put(_staged=[])
+        self._set(_staged=[])
         self.table.append(**self.rows(staged))
         block = self.table.flush()
         for c, a in block.items():
@@ -236,20 +337,18 @@ class StepCallback(Callback):
         return total / n if n else math.nan
 
     def clear_log(self):
-        "Forget every logged row (a streamed CSV file starts again)."
-        self._put(_staged=[], _epoch_sums={})
-        self.table.clear()
+        "Forget every logged row of every log (a streamed CSV file starts again)."
+        self._set(_staged=[], _epoch_sums={})
+        for t in self.tables.values(): t.clear()
 
     @property
     def df(self):
-        "Every logged row, as a `DataFrame` with the columns `log_columns`."
-        self.flush_log()
-        return self.table.df
+        "Every row of the step log (the first declared `Log`), as a `DataFrame`."
+        return self.log_df(self.logs[0].name)
 
     def attach_loggers(self):
-        "Wire this callback's tables to the fit's `TensorBoardCallback`/`WandbCallback`, if any (`fastai_l5.loggers`)."
-        from .loggers import attach_sinks  # here, not at the top: loggers imports this module
-        attach_sinks(self)
+        "Wire this callback's tables to the fit's `TensorBoardCallback`/`WandbCallback`, if any (`LOGGER_HOOKS`)."
+        for hook in LOGGER_HOOKS: hook(self)
 
     # ---- events
     def before_fit(self):
@@ -260,7 +359,7 @@ class StepCallback(Callback):
         self._epoch_value_metrics = L(ValueMetric(getattr(self, meth), name) for name, meth in self.epoch_columns.items())
         self.learn.metrics = L(self.learn.metrics) + self._epoch_value_metrics
 
-    def before_epoch(self): self._put(_epoch_sums={})
+    def before_epoch(self): self._set(_epoch_sums={})
 
     def after_train(self): self.flush_log()  # a streamed log on disk is never more than an epoch behind
 

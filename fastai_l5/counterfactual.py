@@ -9,17 +9,12 @@ from copy import deepcopy
 
 import numpy as np
 import torch
-from torch import nn
 
 from .core import unwrap_model
+from .dropout import dropout_layers
 from .precise import _split, _on_device, _model_device, bn_layers, module_modes, preserved_rng, _pooled_stats, set_flat_stats
 
 __all__ = []
-
-
-def dropout_modules(model):
-    "`(name, module)` for every dropout module of `model` (the unwrapped one)."
-    return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
 
 
 def _batches(learn, dl, n_batches=None, max_rows=None, shuffle=False):
@@ -82,7 +77,7 @@ class Sandbox:
         model, opt = self.copy()
         if opt is None: return float('nan')
         if ps is not None:
-            for name, m in dropout_modules(model):
+            for name, m in dropout_layers(model).items():
                 p = ps.get(name) if isinstance(ps, dict) else ps
                 if p is not None: m.p = float(p)
         if lr is not None: opt.set_hyper('lr', lr)

@@ -15,12 +15,14 @@ from fastai.learner import Learner
 from fastcore.basics import patch_to
 from fastcore.foundation import L
 from matplotlib.figure import Figure
-from torch import nn
 
 from .audit import audit_findings
-from .core import unwrap_model
-from .counterfactual import Sandbox, dropout_modules, effect_text
-from .precise import module_modes, preserved_rng
+from .batchnorm import BNDrift
+from .core import find_cb, unwrap_model
+from .counterfactual import Sandbox, effect_text
+from .dropout import DROPOUT_TYPES, DropoutSchedule, dropout_layers
+from .momentum import MomentumLogger
+from .precise import BN_TYPES, bn_layers, module_modes, preserved_rng
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
            'plot_finding', 'findings_section', 'actionable']
@@ -76,9 +78,9 @@ def _finding(kind, severity, where, evidence, advice, effect=''):
     return dict(kind=kind, severity=severity, where=where, evidence=evidence, advice=advice, effect=effect)
 
 
-def _cb_df(learn, attr, log='df'):
-    "A callback's public log, or None when the callback is not attached or logged nothing."
-    cb = getattr(learn, attr, None)
+def _cb_df(learn, cls, log='df'):
+    "The public log of the attached callback of type `cls` (a subclass too), or None when none is or it logged nothing."
+    cb = find_cb(learn, cls)
     df = getattr(cb, log, None) if cb is not None else None
     return df if df is not None and len(df) else None
 
@@ -190,7 +192,7 @@ def _lr_too_low(learn, mom, th, box):
 
 
 def _bn_momenta(learn):
-    return [m.momentum for m in unwrap_model(learn.model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m.momentum for _, m in bn_layers(learn.model)]
 
 
 def _stale_bn(learn, th, box):
@@ -199,7 +201,7 @@ def _stale_bn(learn, th, box):
     `(finding or None, population-statistics loss)`."""
     run, pop = box.baseline, box.population(th['pop_batches'])
     if not (math.isfinite(run) and math.isfinite(pop)) or pop > (1 - th['bn_gain']) * run: return None, pop
-    pdf = _cb_df(learn, 'bn_drift', 'precise_df')
+    pdf = _cb_df(learn, BNDrift, 'precise_df')
     where, gap = '', ''
     if pdf is not None:
         last = pdf[pdf['epoch'] == pdf['epoch'].max()]
@@ -220,7 +222,7 @@ def _untouched(learn):
     """Leave no trace of a measurement: module modes, dropout p's, parameter gradients, the RNGs (torch, python,
     numpy) and the training loader's own `rng` are put back on exit."""
     model = learn.model
-    ps = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    ps = [(m, m.p) for m in dropout_layers(model).values()]
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     try:
@@ -232,7 +234,7 @@ def _untouched(learn):
 
 def _dropout_ps(learn, ddf):
     "Each dropout layer's p: the last epoch's mean from DropoutSchedule's log, else the module's own p."
-    ps = {name: float(m.p) for name, m in dropout_modules(learn.model)}
+    ps = {name: float(m.p) for name, m in dropout_layers(learn.model).items()}
     if ddf is not None: ps.update(_last_epoch(ddf).groupby('layer', sort=False)['p'].mean().astype(float).to_dict())
     return ps
 
@@ -497,7 +499,7 @@ def diagnose(learn, new_df=None, thresholds=None):
         raise ValueError(f"new_df must be a pandas DataFrame of new rows, got {type(new_df).__name__}")
     box = Sandbox(learn, k=max(th['cf_steps'], th['drop_steps'], th['pop_batches'], th['noise_pairs']))
     rows = []
-    mom = _cb_df(learn, 'momentum_logger')
+    mom = _cb_df(learn, MomentumLogger)
     mom = _last_epoch(mom) if mom is not None else None
     diverged = not np.isfinite(_train_losses(learn)).all()  # then gradient norms say nothing about dead layers
     too_low = _lr_too_low(learn, mom, th, box) if not diverged else None
@@ -505,17 +507,18 @@ def diagnose(learn, new_df=None, thresholds=None):
     if mom is not None: rows.append(None if diverged else _dead_layer(mom, th))
     else: rows.append(_info_missing('dead_layer and the momentum half of lr_too_high', 'MomentumLogger()'))
     stale, pop = None, float('nan')
-    if _has(learn.model, nn.modules.batchnorm._BatchNorm) and not diverged:
+    if _has(learn.model, BN_TYPES) and not diverged:
         stale, pop = _stale_bn(learn, th, box)
         rows.append(stale)
-        drift = getattr(learn, 'bn_drift', None)
+        drift = find_cb(learn, BNDrift)
         if drift is not None and not getattr(drift, 'precise_every', None):
             rows.append(_finding('missing_callback', 'info', '', "BNDrift is attached without `precise_every`, so the "
                                  "per-epoch validation loss with population statistics (the history behind "
                                  "stale_bn_stats and its plot) was not logged.",
                                  "pass precise_every=1 to the BNDrift you attach: `BNDrift(precise_every=1)`"))
-    if (_has(learn.model, nn.modules.dropout._DropoutNd, 'p') or _cb_df(learn, 'dropout_schedule') is not None) and not diverged:
-        rows.append(_dropout_too_strong(learn, _cb_df(learn, 'dropout_schedule'), th, box))
+    schedule = _cb_df(learn, DropoutSchedule)
+    if (_has(learn.model, DROPOUT_TYPES, 'p') or schedule is not None) and not diverged:
+        rows.append(_dropout_too_strong(learn, schedule, th, box))
     if new_df is not None: rows += _data_shift(learn, new_df)
     rows.append(_worse_than_baseline(learn, th, stale, pop))
     if not diverged: rows.append(_batch_size(learn, th, box))
@@ -588,7 +591,7 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
     th = {**THRESHOLDS, **(thresholds or {})}
     kind, where = finding['kind'], finding['where']
     if kind == 'lr_too_low':
-        mom = learn.momentum_logger.df
+        mom = find_cb(learn, MomentumLogger).df
         fig, ax = _axes('lr_too_low: update/param ratio per layer')
         for layer, g in mom.groupby('layer', sort=False): ax.plot(g['step'], g['update_ratio'], lw=.8, label=str(layer))
         ax.axhline(1e-3, c='k', lw=1, label='the usual ~1e-3')
@@ -605,20 +608,20 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
             valid = _epoch_value(learn, 'valid_loss')
             if valid is not None: ax.axhline(valid, c='k', lw=1, label='validation loss')
         ax.set_xlabel('batch')
-    elif kind == 'stale_bn_stats' and _cb_df(learn, 'bn_drift', 'precise_df') is not None:
-        pdf = learn.bn_drift.precise_df.groupby('epoch')[['valid_loss', 'valid_loss_precise']].first()
+    elif kind == 'stale_bn_stats' and _cb_df(learn, BNDrift, 'precise_df') is not None:
+        pdf = find_cb(learn, BNDrift).precise_df.groupby('epoch')[['valid_loss', 'valid_loss_precise']].first()
         fig, ax = _axes('stale_bn_stats: validation loss')
         ax.plot(pdf.index, pdf['valid_loss'], 'o-', label='running statistics')
         ax.plot(pdf.index, pdf['valid_loss_precise'], 's-', label='population statistics')
         ax.plot(pdf.index, (1 - th['bn_gain']) * pdf['valid_loss'], 'r--', label='threshold')
         ax.set_xlabel('epoch')
-    elif kind == 'dropout_too_strong' and _cb_df(learn, 'dropout_schedule') is not None:
-        ddf = learn.dropout_schedule.df
+    elif kind == 'dropout_too_strong' and _cb_df(learn, DropoutSchedule) is not None:
+        ddf = find_cb(learn, DropoutSchedule).df
         fig, ax = _axes('dropout_too_strong: p per layer')
         for layer, g in ddf.groupby('layer', sort=False): ax.plot(g['step'], g['p'], label=str(layer))
         ax.axhline(th['high_p'], ls='--', c='r', label='threshold'); ax.set_xlabel('step')
     elif kind == 'dead_layer':
-        mom = learn.momentum_logger.df
+        mom = find_cb(learn, MomentumLogger).df
         fig, ax = _axes('dead_layer: gradient norm per layer')
         for layer, g in mom.groupby('layer', sort=False):
             ax.plot(g['step'], g['grad_norm'].clip(lower=1e-12), lw=2 if layer == where else .7, label=str(layer))

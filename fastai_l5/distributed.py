@@ -23,7 +23,9 @@ import torch
 
 from fastai.learner import Learner
 from fastcore.basics import patch_to
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .core import check_count
+from .precise import BN_TYPES
 
 __all__ = ['cpu_collectives', 'launch_cpu']
 
@@ -62,7 +64,7 @@ def to_distributed(self, sync_bn=True, **kwargs):
     on a CPU process group: `SyncBatchNorm` only runs on GPUs, so use `distrib_ctx(sync_bn=False)`
     there (each rank then normalises with its own batch statistics, as DDP does by default)."""
     res = _fastai_to_distributed(self, sync_bn, **kwargs)
-    if sync_bn and cpu_collectives() and any(isinstance(m, _BatchNorm) for m in self.model.modules()):
+    if sync_bn and cpu_collectives() and any(isinstance(m, BN_TYPES) for m in self.model.modules()):
         self.detach_distributed()
         raise ValueError("sync_bn=True needs GPUs (SyncBatchNorm cannot run on CPU tensors); "
                          "on CPU processes use `learn.distrib_ctx(sync_bn=False)`")
@@ -112,8 +114,7 @@ def launch_cpu(script, *args, nproc=2, timeout=600, env=None, check=True):
     Returns the `subprocess.CompletedProcess` (output captured as text); with `check`, a failed run raises
     `RuntimeError` carrying the ranks' tracebacks. A run still going after `timeout` seconds (a deadlock)
     is killed with all its processes, and raises `TimeoutError`."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc={nproc!r} must be a whole number of processes, at least 1")
+    check_count('nproc', nproc)
     if not os.path.isfile(script): raise FileNotFoundError(f"no script at {str(script)!r}")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
            str(script), *map(str, args)]

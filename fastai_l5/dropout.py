@@ -15,21 +15,25 @@ from fastai.learner import Learner
 from fastcore.foundation import L
 from torch.nn.modules.dropout import _DropoutNd
 
-from .core import StepCallback, check_in_range, plot_per_layer, unwrap_model
+from .core import Log, StepCallback, check_arg, check_count, check_in_range, plot_per_layer, unwrap_model
+from . import loggers  # noqa: F401  (registers the TensorBoard/W&B sinks: core.LOGGER_HOOKS)
 
 __all__ = ['DropoutSchedule', 'early_dropout', 'late_dropout', 'curriculum_dropout', 'fastai_ps',
-           'dropout_layers']
+           'DROPOUT_TYPES', 'dropout_layers']
 
 _HOW_TO_ADD = ("a tabular model gets hidden dropout modules from `tabular_learner(dls, config="
                "tabular_config(ps=0.1))` (one per hidden layer whose p is not 0); any other model needs "
                "`nn.Dropout` modules of its own")
 
 
+DROPOUT_TYPES = (_DropoutNd,)  # what a dropout module is: nn.Dropout, Dropout1d/2d/3d, AlphaDropout, ...
+
+
 def dropout_layers(model):
-    """`{name: module}` for every dropout module of `model` (`nn.Dropout` and its siblings `Dropout1d/2d/3d`,
-    `AlphaDropout`, ...), in `model.named_modules()` order; a `DistributedDataParallel` wrapper is looked through
-    so names read as in the bare model (`emb_drop`, `layers.0.3`)."""
-    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, _DropoutNd)}
+    """`{name: module}` for every dropout module of `model` (`DROPOUT_TYPES`), in `model.named_modules()` order;
+    a `DistributedDataParallel` wrapper is looked through so names read as in the bare model (`emb_drop`,
+    `layers.0.3`)."""
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, DROPOUT_TYPES)}
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -51,7 +55,7 @@ def _scaled(pct, f, k): return k * float(f(pct))
 
 def _check_p(p, name='p'):
     if callable(p): return p
-    if not isinstance(p, numbers.Real): raise TypeError(f"{name}={p!r} must be a number in [0, 1) or a callable of pct")
+    if not isinstance(p, numbers.Real): raise TypeError(f"Invalid {name}: {p!r} (must be a number in [0, 1) or a callable of pct)")
     return check_in_range(name, p)
 
 
@@ -73,21 +77,22 @@ def curriculum_dropout(p, gamma=10.):
     θ(t) = (1−θ̄)·e^(−γt) + θ̄ is 1 − p(t) with θ̄ = 1 − p; here time t is pct, the fraction of the fit done, so
     γ = 10 reaches 1 − e^(−10) ≈ 99.995% of p by the end, whatever the number of batches."""
     _check_p(p)
-    if not (isinstance(gamma, numbers.Real) and gamma > 0): raise ValueError(f"gamma={gamma!r} must be a number > 0")
+    check_arg('gamma', gamma, isinstance(gamma, numbers.Real) and gamma > 0, 'a number > 0')
     return functools.partial(_curriculum, p=float(p), gamma=float(gamma))
 
 
 def fastai_ps(p, n):
     """fastai's rule for a head of `n` dropout layers: `[p/2]*(n-1) + [p]`, p on the last layer and half of it
     before. `p` may also be a schedule (a callable of pct): the earlier layers then follow half of it."""
-    if not (isinstance(n, numbers.Integral) and n >= 1): raise ValueError(f"n={n!r} must be an integer >= 1")
+    check_count('n', n)
     half = functools.partial(_scaled, f=p, k=.5) if callable(_check_p(p)) else p / 2
     return [half] * (n - 1) + [p]
 
 
 # ---------------------------------------------------------------------------------------------- callback
 _set_attr = object.__setattr__
-_COLUMNS = ['step', 'epoch', 'pct', 'layer', 'p']
+DROPOUT_LOG = Log('dropout', 'step', ('epoch', 'pct', 'layer'),
+                  {'p': 'the dropout probability applied to the layer in that training batch'}, doc='03_dropout')
 
 
 def _grid(n_batches=None, fine=1001, most=100_000):
@@ -140,13 +145,13 @@ class DropoutSchedule(StepCallback):
     p applied over the epoch's training batches and the dropout layers. With `path`, the log is also written to
     that CSV file as training goes (see `StepCallback` for when), and with `keep=False` too it is held there only
     (see `LogTable`)."""
-    run_valid, epoch_columns, log_columns = False, {'dropout_p': 'epoch_mean_p'}, _COLUMNS
+    run_valid, epoch_columns, logs = False, {'dropout_p': 'epoch_mean_p'}, (DROPOUT_LOG,)
     _stateattrs = StepCallback._stateattrs + ('_applied', '_owner', '_checked')
 
     def __init__(self, scheds, path=None, keep=True):
+        super().__init__()
         _check_shape(scheds)
         self.scheds = scheds
-        self._init_state()
         self.open_log(path, keep)
 
     def _init_state(self):
@@ -233,9 +238,12 @@ class DropoutSchedule(StepCallback):
         return plot_per_layer(self.df, 'p', layers=layers, x=x, title='dropout p applied in training', ncols=1, ax=ax)
 
 
-# A fit that raises skips `after_fit` (fastai's `_with_events` only catches its Cancel exceptions), and
-# callbacks passed to `fit(cbs=...)` are detached before the exception leaves `fit`. So `Learner.fit` (which
-# `fit_one_cycle`, `fine_tune` and `lr_find` call) gets a wrapper that gives p back on the way out.
+# A fit that raises skips `after_fit`: fastai's `Learner._with_events` catches only its own Cancel exception
+# (`try: before; f() except ex: after_cancel` then `after; final`), and `Learner.added_cbs` detaches the callbacks
+# passed to `fit(cbs=...)` in a `finally` that fires no event. So no callback event, and no scoped hook of fastai,
+# runs on the way out of a raising fit (checked against fastai 2.8.12); a callback attached to the Learner is not
+# even detached. `Learner.fit` (which `fit_one_cycle`, `fine_tune` and `lr_find` call) therefore gets a wrapper that
+# gives p back on the way out and re-raises; it calls fastai's `fit` unchanged.
 _UNRESTORED = weakref.WeakSet()
 _fastai_fit = getattr(Learner.fit, '__wrapped__', Learner.fit)
 

@@ -1,12 +1,16 @@
 """Telemetry in the loggers fastai users already run: when fastai's `TensorBoardCallback` or `WandbCallback`
 is in the same fit, every per-step, per-layer column of our callbacks goes there as scalars too, tagged
 `momentum/{stat}/{layer}`, `dropout/p/{layer}`, `bn/{stat}/{layer}` (at the callback's `step`) and
-`bn_precise/{stat}/{layer}` (at the measured `epoch`).
+`bn_precise/{stat}/{layer}` (at the measured `epoch`). What goes where is read from each callback's declared
+`logs` (`core.Log`: the tag prefix, the x column, the columns sent), never guessed from column names.
 
 The writes ride on the callbacks' own flushes: `LogTable.flush` hands each host block it builds to the table's
 `sink`, so the hot path gains nothing. With neither logger in `learn.cbs` no sink is set and neither package
 is imported (they are looked up in `sys.modules`: a fastai logger callback exists only if its module was
 imported). Under distributed training only rank 0 sends.
+
+Importing this module adds `attach_sinks` to `core.LOGGER_HOOKS`, which every `StepCallback` runs in
+`before_fit` (core imports nothing of the package; each telemetry module imports this one).
 
 TensorBoard takes any step, so a block goes to the event file as it is flushed, one event per step. W&B
 keeps one history row per step of its own, which `WandbCallback` advances once per training batch, and
@@ -22,33 +26,33 @@ import numpy as np
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 
-from .core import LogTable
+from .core import LOGGER_HOOKS, find_cb
 
-__all__ = ['attach_sinks', 'fix_wandb_config']
+__all__ = ['attach_sinks', 'fix_wandb_config', 'LoggerBridge', 'log_tables']
 
-_LOGGERS = (('fastai.callback.tensorboard', 'TensorBoardCallback'), ('fastai.callback.wandb', 'WandbCallback'))
-_INDEX = ('step', 'epoch', 'layer', 'pct')  # columns that place a row, not statistics
+_TENSORBOARD, _WANDB = ('fastai.callback.tensorboard', 'TensorBoardCallback'), ('fastai.callback.wandb', 'WandbCallback')
+
+
+def declared_tables(cb):
+    "`[(Log, LogTable)]` for every log `cb` declares (none for a callback that declares no `logs`)."
+    tables = getattr(cb, 'tables', None) or {}
+    return [(log, tables[log.name]) for log in getattr(cb, 'logs', ()) if log.name in tables]
 
 
 def log_tables(cb):
-    "Every `LogTable` a callback holds."
-    return [v for v in vars(cb).values() if isinstance(v, LogTable)]
+    "Every `LogTable` of the logs a callback declares."
+    return [t for _, t in declared_tables(cb)]
+
+
+def _logger_class(where):
+    "fastai's logger callback class, if its module was imported (else no instance of it can exist)."
+    return getattr(sys.modules.get(where[0]), where[1], None)
 
 
 def logger_callbacks(learn):
     "fastai's `TensorBoardCallback`s and `WandbCallback`s in `learn.cbs`, found without importing either package."
-    classes = tuple(c for c in (getattr(sys.modules.get(m), n, None) for m, n in _LOGGERS) if c is not None)
+    classes = tuple(c for c in map(_logger_class, (_TENSORBOARD, _WANDB)) if c is not None)
     return [cb for cb in learn.cbs if classes and isinstance(cb, classes)]
-
-
-def _route(columns):
-    "`(tag prefix, x column, stat columns)` for a table with these columns, or None for a table not sent."
-    cols = set(columns)
-    if 'mean_gap' in cols: return 'bn_precise', 'epoch', ['mean_gap', 'var_gap']
-    if 'mean_shift' in cols: return 'bn', 'step', ['mean_shift', 'var_shift', 'mean_drift']
-    if 'grad_norm' in cols: return 'momentum', 'step', [c for c in columns if c not in _INDEX]
-    if {'p', 'pct'} <= cols: return 'dropout', 'step', ['p']
-    return None
 
 
 def block_rows(block, prefix, x, stats):
@@ -118,21 +122,24 @@ class _Sink:
         for t in self.targets: t.send(self.route, rows)
 
 
-class _LoggerBridge(Callback):
+class LoggerBridge(Callback):
     """Added to the `Learner` for a fit with TensorBoard or W&B attached: after `WandbCallback` (order 51) logs a
     training batch it merges one queued row per callback into that batch's W&B row; after the fit it writes the
     rows still queued and takes the sinks off the tables."""
     order, _stateattrs = 52, ('targets', 'wandb', 'tables')
 
     def __init__(self, loggers):
-        tb = [_TensorBoard(cb) for cb in loggers if type(cb).__name__ == 'TensorBoardCallback']
-        self.wandb = _Wandb() if any(type(cb).__name__ == 'WandbCallback' for cb in loggers) else None
+        super().__init__()
+        tb_cls, wandb_cls = _logger_class(_TENSORBOARD), _logger_class(_WANDB)
+        tb = [_TensorBoard(cb) for cb in loggers if tb_cls is not None and isinstance(cb, tb_cls)]
+        self.wandb = _Wandb() if wandb_cls is not None and any(isinstance(cb, wandb_cls) for cb in loggers) else None
         self.targets, self.tables = tb + ([self.wandb] if self.wandb else []), []
 
     def attach(self, cb):
-        for t in log_tables(cb):
-            route = _route(t.columns)
-            if route is not None: t.sink = _Sink(route, self.targets); self.tables.append(t)
+        "Send every log `cb` declares: tags `{log.name}/{column}/{layer}` at the log's `x`, for its tagged columns."
+        for log, t in declared_tables(cb):
+            t.sink = _Sink((log.name, log.x, log.tagged), self.targets)
+            self.tables.append(t)
 
     def after_batch(self):
         if self.wandb is not None and self.learn.training: self.wandb.pump()
@@ -144,7 +151,6 @@ class _LoggerBridge(Callback):
         self.learn.remove_cb(self)
 
 
-LoggerBridge = _LoggerBridge   # the bridge's class, for tools that time it (fastai_l5.bench); not in __all__
 
 
 def attach_sinks(cb):
@@ -153,13 +159,16 @@ def attach_sinks(cb):
     for t in log_tables(cb): t.sink = None
     learn = cb.learn
     if rank_distrib() != 0: return
-    bridge = next((c for c in learn.cbs if isinstance(c, _LoggerBridge)), None)
+    bridge = find_cb(learn, LoggerBridge)
     if bridge is None:
         loggers = logger_callbacks(learn)
         if not loggers: return
-        bridge = _LoggerBridge(loggers)
+        bridge = LoggerBridge(loggers)
         learn.add_cb(bridge)
     bridge.attach(cb)
+
+
+if attach_sinks not in LOGGER_HOOKS: LOGGER_HOOKS.append(attach_sinks)
 
 
 def fix_wandb_config():

@@ -25,12 +25,12 @@ How it is computed, per logged step, in one model-sized workspace and no allocat
 one `_foreach_norm`; the workspace takes g·m_{t−1} (copy, multiply in place) for Σg·m_{t−1}, then
 sign(min(g·m_{t−1}, 0)) ∈ {−1, 0} (clamp and sign in place) for −#{g·m_{t−1} < 0}; then a copy of p. After the
 step: −Δp in place in that copy, and ‖Δp‖, ‖p‖, ‖m_t‖ in one `_foreach_norm`; Σ by a loop of sums, as Σv.
-The moments are read from the optimizer's own state, not inferred from the update, so every optimizer kind
-gets the same exact columns. (On the CPU, measured on the flights model: allocating
+The moments are read from the optimizer's own state (`optim.param_moments`), not inferred from the update, so
+every optimizer kind gets the same exact columns. (On the CPU, measured on the flights model: allocating
 kernels, `_foreach_norm(ord=1)` and a 0-norm count are each slower than these in-place kernels and sums.)
 ‖Δp‖ needs the parameters from before the step, except where the optimizer states its step as Δp = −c·m_t
-(this package's `ForeachSGD` without Nesterov or weight decay): then ‖Δp‖ = c·‖m_t‖ comes from the state and
-no copy of p is made. (In float32 the two differ by the rounding of p, which the copy sees and the state does
+(this package's `ForeachSGD` without Nesterov or weight decay: `steps_along_momentum`, `momentum_step_scales`):
+then ‖Δp‖ = c·‖m_t‖ comes from the state and no copy of p is made. (In float32 the two differ by the rounding of p, which the copy sees and the state does
 not: at most half an ulp of each pᵢ.) The per-tensor values of a block of steps are summed per layer and
 turned into the columns at flush time."""
 from __future__ import annotations
@@ -39,31 +39,25 @@ import math
 from itertools import groupby
 
 import torch
-from fastai.optimizer import OptimWrapper
-from fastcore.basics import store_attr
 
-from .core import StepCallback, plot_per_layer, unwrap_model
-from .optim import ForeachSGD
+from .core import Log, StepCallback, check_count, plot_per_layer, unwrap_model
+from .optim import param_moments
+from . import loggers  # noqa: F401  (registers the TensorBoard/W&B sinks: core.LOGGER_HOOKS)
 
 __all__ = ['MomentumLogger']
 
-_STATS = ['grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm', 'param_norm', 'update_ratio',
-          'sqr_avg_rms']
-_COLUMNS = ['step', 'epoch', 'layer', 'grad_norm', 'mom_norm', 'cos_mom_grad', 'sign_flip', 'update_norm',
-            'param_norm', 'update_ratio', 'beta', 'sqr_avg_rms']
-# optimizer-state names of the first and second moment, most specific first
-_FASTAI_NAMES = (('grad_avg',), ('sqr_avg',))
-# torch's RMSprop(centered=True) keeps a `grad_avg` too, but with β = alpha: not the momentum, so not read
-_TORCH_NAMES = (('exp_avg', 'momentum_buffer'), ('exp_avg_sq', 'square_avg'))
-
-
-def _first(state, names):
-    for n in names:
-        t = state.get(n)
-        if isinstance(t, torch.Tensor): return t
-    return None
-
-
+MOMENTUM_LOG = Log('momentum', 'step', ('epoch', 'layer'), {
+    'grad_norm': '‖g‖₂ of the gradient the step used (unscaled under mixed precision)',
+    'mom_norm': '‖m_t‖₂ of the first-moment EWMA after the step (`grad_avg`, `momentum_buffer` or `exp_avg`)',
+    'cos_mom_grad': '⟨g, m_{t−1}⟩ / (‖g‖‖m_{t−1}‖): the gradient against the momentum carried in from the steps '
+                    'before (NaN where none is yet)',
+    'sign_flip': 'share of the entries with g·m_{t−1} < 0: the gradient pushes against the momentum carried in',
+    'update_norm': '‖Δp‖₂ of the step',
+    'param_norm': '‖p‖₂ after the step',
+    'update_ratio': '‖Δp‖₂ / ‖p‖₂',
+    'beta': 'the `mom` hyper-parameter that step used',
+    'sqr_avg_rms': '√mean(v) of the second moment, NaN for optimizers without one'}, doc='02_momentum')
+_STATS = [c for c in MOMENTUM_LOG.columns if c != 'beta']
 def _sums(tensors):
     """Σ of each tensor. A loop: torch has no multi-tensor sum, and `_foreach_norm(ord=1)` (Σ|x|) is about 2-3×
     slower than this loop on the CPU (measured on the flights model's 16 tensors)."""
@@ -75,10 +69,10 @@ def _module_names(model):
     return {id(p): name for name, mod in unwrap_model(model).named_modules() for p in mod.parameters(recurse=False)}
 
 
-def _update_from_state(opt):
-    """Whether this step's change is exactly Δp = −c·m for the first moment m after the step (this package's
-    `ForeachSGD` without Nesterov and without weight decay), so that ‖Δp‖ = c·‖m‖ needs no copy of p."""
-    return isinstance(opt, ForeachSGD) and not opt.nesterov and all(h.get('wd', 0.) == 0 for h in opt.hypers)
+def _steps_along_momentum(opt):
+    """Whether the optimizer says its step is exactly Δp = −c·m_t (this package's `ForeachSGD` without Nesterov or
+    weight decay), so that ‖Δp‖ = c·‖m_t‖ needs no copy of p."""
+    return bool(getattr(opt, 'steps_along_momentum', lambda: False)())
 
 
 class _ParamLayout:
@@ -145,20 +139,18 @@ class MomentumLogger(StepCallback):
 
     Cost per logged step: a copy of the parameters (none with `ForeachSGD`, see the module docstring), seven
     multi-tensor kernels and three sums per tensor; on the other steps, a step count."""
-    log_columns = _COLUMNS
+    logs = (MOMENTUM_LOG,)
     epoch_columns = {'cos_mom_grad': '_epoch_cos', 'sign_flip': '_epoch_flip'}  # one name per quantity
     _stateattrs = StepCallback._stateattrs + ('_workspace', '_workspace_key', '_pending', '_layout')
 
     def __init__(self, every=1, path=None, keep=True):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be a whole number ≥ 1 (log every `every`-th step)")
-        store_attr('every')
-        self._init_state()
+        super().__init__()
+        self.every = check_count('every', every)
         self.open_log(path, keep)
 
     def _init_state(self):
         super()._init_state()
-        self._put(_workspace=None, _workspace_key=None, _pending=None, _layout=None)
+        self._set(_workspace=None, _workspace_key=None, _pending=None, _layout=None)
 
     # ---- events (a step that is not logged costs a modulo and a count: `no_grad` is entered only to log)
     def before_step(self):
@@ -166,15 +158,6 @@ class MomentumLogger(StepCallback):
 
     def after_step(self):
         if self.count_step() and self._pending is not None: self._after_logged_step()
-
-    def _moments(self, ps):
-        "Per parameter: its optimizer state, first moment and second moment (None where there is none)."
-        opt = self.learn.opt
-        wrapped = isinstance(opt, OptimWrapper)
-        first, second = _TORCH_NAMES if wrapped else _FASTAI_NAMES
-        states = opt.opt.state if wrapped else opt.state
-        sts = [states.get(p) or {} for p in ps]
-        return sts, [_first(st, first) for st in sts], [_first(st, second) for st in sts]
 
     @torch.no_grad()
     def _before_logged_step(self):
@@ -185,9 +168,9 @@ class MomentumLogger(StepCallback):
         if not ps: return
         key = tuple(map(id, ps))
         if key != self._workspace_key:
-            self._put(_workspace=[torch.empty_like(p, requires_grad=False) for p in ps], _workspace_key=key)
+            self._set(_workspace=[torch.empty_like(p, requires_grad=False) for p in ps], _workspace_key=key)
         gs, work = [p.grad for p in ps], self._workspace
-        _, mps, _ = self._moments(ps)
+        _, mps, _ = param_moments(self.learn.opt, ps)
         has_mp = tuple(m is not None for m in mps)
         sel = [i for i, h in enumerate(has_mp) if h]
         mps = [mps[i] for i in sel]
@@ -200,51 +183,44 @@ class MomentumLogger(StepCallback):
             torch._foreach_clamp_max_(work_m, 0.)
             torch._foreach_sign_(work_m)  # −1 where g·m < 0, else 0 (NaN stays NaN)
             values += _sums(work_m)
-        copied = not _update_from_state(opt)
+        copied = not _steps_along_momentum(opt)
         if copied: torch._foreach_copy_(work, ps)  # then p, for Δp
-        self._put(_pending=(ps, copied, has_mp, values))
+        self._set(_pending=(ps, copied, has_mp, values))
 
     @torch.no_grad()
     def _after_logged_step(self):
         (ps, copied, has_mp, before), opt = self._pending, self.learn.opt
-        self._put(_pending=None)
-        sts, ms, vs = self._moments(ps)
+        self._set(_pending=None)
+        _, ms, vs = param_moments(self.learn.opt, ps)
         layout = self._layout_for(ps, ms, vs, has_mp)
         ms, vs = [m for m in ms if m is not None], [v for v in vs if v is not None]
-        values = torch.stack([*before, *self._measure_after(ps, ms, vs, sts, copied)])
+        values = torch.stack([*before, *self._measure_after(ps, ms, vs, copied)])
         self.stage((self.n_step, self.learn.epoch, layout, [float(h.get('mom', math.nan)) for h in opt.hypers], values))
 
     def after_fit(self):
         super().after_fit()
         # the copy of p is as big as the model: free it between fits
-        self._put(_workspace=None, _workspace_key=None, _pending=None, _layout=None)
+        self._set(_workspace=None, _workspace_key=None, _pending=None, _layout=None)
 
     # ---- the math
     def _layout_for(self, ps, ms, vs, has_mp):
         has_m, has_v = tuple(m is not None for m in ms), tuple(v is not None for v in vs)
         key = (tuple(map(id, ps)), has_m, has_v, has_mp)
         if self._layout is None or self._layout.key != key:
-            self._put(_layout=_ParamLayout(key, self.learn.model, self.learn.opt, ps, has_m, has_v, has_mp))
+            self._set(_layout=_ParamLayout(key, self.learn.model, self.learn.opt, ps, has_m, has_v, has_mp))
         return self._layout
 
-    def _measure_after(self, ps, ms, vs, states, copied):
+    def _measure_after(self, ps, ms, vs, copied):
         "After the step, per tensor: ‖Δp‖, ‖p‖, ‖m_t‖, Σv (tensors on the parameters' device: no host sync)."
         n = len(ps)
         if copied:
             work = self._workspace
             torch._foreach_sub_(work, ps)  # the copy of p before the step, minus p after it: −Δp
             norms = torch._foreach_norm([*work, *ps, *ms])
-        else:  # ForeachSGD: Δp = −c·m_t exactly (see `_update_from_state`)
+        else:  # the optimizer's step is Δp = −c·m_t exactly (see `_steps_along_momentum`)
             norms = torch._foreach_norm([*ps, *ms])
-            norms = [*torch._foreach_mul(norms[n:2 * n], self._update_scales(ps, states)), *norms]
+            norms = [*torch._foreach_mul(norms[n:2 * n], self.learn.opt.momentum_step_scales(ps)), *norms]
         return [*norms, *_sums(vs)]
-
-    def _update_scales(self, ps, states):
-        "Per parameter, the c of Δp = −c·m for `ForeachSGD`'s step that just ran: lr, over 1 − βᵗ with `debias`."
-        opt, layout = self.learn.opt, self._layout
-        scales = [opt.hypers[g]['lr'] for g in layout.group]
-        if opt.debias: scales = [c * opt._debias(opt.hypers[g]['mom'], st['step']) for c, g, st in zip(scales, layout.group, states)]
-        return scales
 
     # ---- the log
     @staticmethod

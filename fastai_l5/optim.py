@@ -23,10 +23,11 @@ from fastai.optimizer import Optimizer, OptimWrapper
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
-from .core import check_in_range, param_layer_names
+from .core import check_arg, check_count, check_in_range, param_layer_names
 
 __all__ = ['ForeachOptimizer', 'ForeachSGD', 'ForeachRMSProp', 'ForeachAdam', 'sgd_momentum', 'rmsprop',
-           'adam', 'fused_kernel_runs', 'opt_state', 'ewma_weights', 'effective_window', 'debias_factor']
+           'adam', 'fused_kernel_runs', 'opt_state', 'param_moments', 'ewma_weights', 'effective_window',
+           'debias_factor']
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,8 +39,7 @@ def _check_beta(beta): return check_in_range('beta', beta, 0., 1.)
 def ewma_weights(beta, n):
     "The weights (1−β)·βᵏ, k = 0…n−1, that an EWMA started from zero gives the last n gradients, most recent first."
     _check_beta(beta)
-    if int(n) != n or n < 1: raise ValueError(f"n={n!r} must be a positive whole number of steps")
-    return (1 - beta) * beta ** torch.arange(int(n), dtype=torch.float64)
+    return (1 - beta) * beta ** torch.arange(check_count('n', n), dtype=torch.float64)
 
 
 def effective_window(beta):
@@ -50,7 +50,7 @@ def effective_window(beta):
 def debias_factor(beta, t):
     "1−βᵗ: the total weight an EWMA started from zero has after t steps; dividing by it removes the bias towards 0."
     _check_beta(beta)
-    if np.any(np.asarray(t) < 1): raise ValueError(f"t={t!r}: steps are counted from 1")
+    check_arg('t', t, np.all(np.asarray(t) >= 1), '>= 1: steps are counted from 1')
     return 1 - beta ** t
 
 
@@ -159,9 +159,9 @@ class ForeachOptimizer(Optimizer):
         made again when which parameters have a gradient, which groups share hypers, a `do_wd` flag or the state
         itself (`clear_state`, `load_state_dict`, which `freeze`/`unfreeze` call) changes."""
         grads = [p.grad for pg in self.param_lists for p in pg]
-        hkeys = [tuple(h.items()) for h in self.hypers]
-        sig = (id(self.state), tuple(map(hkeys.index, hkeys)), [g is None for g in grads])
-        if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hkeys), sig
+        hyper_keys = [tuple(h.items()) for h in self.hypers]
+        sig = (id(self.state), tuple(map(hyper_keys.index, hyper_keys)), [g is None for g in grads])
+        if sig != self._plan_sig or not self._plan_flags_hold(): self._plan, self._plan_sig = self._make_plan(hyper_keys), sig
         res = []
         for gi, do_wd, idx, ps, states, _ in self._plan:
             for st in states: st['step'] += 1
@@ -171,18 +171,18 @@ class ForeachOptimizer(Optimizer):
     def _plan_flags_hold(self):
         return all([st.get('do_wd', True) for st in states] == flags for *_, states, flags in self._plan)
 
-    def _make_plan(self, hkeys):
+    def _make_plan(self, hyper_keys):
         """`[(group index, do_wd, indices in the flat parameter list, params, states, do_wd flags)]` for `_buckets`,
         creating the state buffers (at zero, as fastai's) on the way."""
         buckets = {}
-        for i, (p, hkey) in enumerate((p, hkey) for pg, hkey in zip(self.param_lists, hkeys) for p in pg):
+        for i, (p, hyper_key) in enumerate((p, hyper_key) for pg, hyper_key in zip(self.param_lists, hyper_keys) for p in pg):
             if p.grad is None: continue
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__} needs dense gradients: build embeddings with sparse=False")
             st = self.state[p]
             for k in self.state_keys:
                 if k not in st: st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            key = (hkeys.index(hkey), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
+            key = (hyper_keys.index(hyper_key), st.get('do_wd', True), st.setdefault('step', 0), p.device, p.dtype)
             idx, ps, states = buckets.setdefault(key, ([], [], []))
             idx.append(i); ps.append(p); states.append(st)
         return [(gi, do_wd, idx, ps, states, [do_wd] * len(ps)) for (gi, do_wd, *_), (idx, ps, states) in buckets.items()]
@@ -268,6 +268,14 @@ class ForeachOptimizer(Optimizer):
     def state_dict(self): return {**super().state_dict(), 'config': self.config}
 
 
+def _check_sgd_flags(dampening, debias, nesterov):
+    "The flag combinations `ForeachSGD` refuses, checked once for `sgd_momentum` and the optimizer alike."
+    check_arg('nesterov', nesterov, not (nesterov and dampening),
+              "False with dampening=True: Nesterov momentum is defined on PyTorch's heavy ball (dampening=False)")
+    check_arg('debias', debias, not (debias and not dampening),
+              'False with dampening=False: the heavy-ball sum is not an average to debias (use dampening=True)')
+
+
 class ForeachSGD(ForeachOptimizer):
     """SGD with momentum. `dampening=True`: the lecture's EWMA `grad_avg ← mom·grad_avg + (1−mom)·g` from
     zero, and with `debias` the step `lr·grad_avg/(1−momᵗ)`. `dampening=False`: PyTorch's heavy ball
@@ -278,10 +286,7 @@ class ForeachSGD(ForeachOptimizer):
 
     def __init__(self, params, lr, mom=0.9, wd=0., dampening=True, debias=False, nesterov=False, decouple_wd=True,
                  fused=True):
-        if nesterov and dampening:
-            raise ValueError("nesterov=True needs dampening=False: Nesterov momentum is defined on PyTorch's heavy ball")
-        if debias and not dampening:
-            raise ValueError("debias=True needs dampening=True: the heavy-ball sum is not an average to debias")
+        _check_sgd_flags(dampening, debias, nesterov)
         store_attr('dampening,debias,nesterov')
         super().__init__(params, lr, decouple_wd=decouple_wd, fused=fused, mom=mom, wd=wd)
 
@@ -296,6 +301,19 @@ class ForeachSGD(ForeachOptimizer):
         torch._foreach_add_(ps, direction, alpha=-lr * self._debias(mom, step))
 
     def _debias(self, mom, step): return 1 / debias_factor(mom, step) if self.debias else 1.
+
+    def steps_along_momentum(self):
+        "Whether each step is exactly Δp = −c·grad_avg (no Nesterov, no weight decay): see `momentum_step_scales`."
+        return not self.nesterov and all(h.get('wd', 0.) == 0 for h in self.hypers)
+
+    def momentum_step_scales(self, ps):
+        """After a step, per parameter of `ps`: the c of that step's Δp = −c·grad_avg (lr, over 1 − momᵗ with
+        `debias`), so a logger gets ‖Δp‖ = c·‖grad_avg‖ without a copy of p; None where the step is not of that
+        form (`steps_along_momentum` is False)."""
+        if not self.steps_along_momentum(): return None
+        group = {id(p): i for i, pg in enumerate(self.param_lists) for p in pg}
+        hypers = [self.hypers[group[id(p)]] for p in ps]
+        return [h['lr'] * self._debias(h['mom'], self.state[p]['step']) for p, h in zip(ps, hypers)]
 
     fused_kernel = '_fused_sgd_'
 
@@ -393,8 +411,7 @@ def sgd_momentum(mom=0.9, dampening=True, debias=False, nesterov=False, wd=0., d
     (`dampening=False`, optionally `nesterov`). Use as `Learner(..., opt_func=sgd_momentum(0.9))`.
     `fused=False` steps with `torch._foreach_*` kernels only (the same update, more passes over memory)."""
     _check_hypers(mom=mom, wd=wd)
-    if nesterov and dampening: raise ValueError("nesterov=True needs dampening=False")
-    if debias and not dampening: raise ValueError("debias=True needs dampening=True")
+    _check_sgd_flags(dampening, debias, nesterov)
     return partial(ForeachSGD, mom=mom, wd=wd, dampening=dampening, debias=debias, nesterov=nesterov,
                    decouple_wd=decouple_wd, fused=fused)
 
@@ -415,24 +432,38 @@ def adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, fused=True)
 # ---------------------------------------------------------------------------------------------------
 # Reading optimizer state
 
-_FIRST_MOMENT = ('grad_avg', 'momentum_buffer', 'exp_avg')     # fastai / fastai_l5, torch SGD & RMSprop, torch Adam
-_SECOND_MOMENT = ('sqr_avg', 'exp_avg_sq', 'square_avg')      # fastai / fastai_l5, torch Adam, torch RMSprop
-_OPT_STATE_COLS = ['layer', 'param', 'numel', 'step', 'mom', 'grad_avg_norm', 'sqr_avg_rms']
+# the state names of the first moment, the second moment and the centering mean (centered RMSprop), most specific
+# first: fastai's and this package's optimizers, and torch's (SGD and RMSprop `momentum_buffer`, Adam `exp_avg`; torch's
+# centered RMSprop keeps its centering mean as `grad_avg`, which in fastai's names is the first moment)
+_FASTAI_MOMENTS = (('grad_avg',), ('sqr_avg',), ('grad_mean',))
+_TORCH_MOMENTS = (('exp_avg', 'momentum_buffer'), ('exp_avg_sq', 'square_avg'), ('grad_avg',))
+_OPT_STATE_COLS = ['layer', 'param', 'numel', 'step', 'mom', 'grad_avg_norm', 'sqr_avg_rms', 'grad_mean_norm']
 
 
 def _groups_and_state(opt):
-    "`(param_lists, mom per group, state lookup)` for a fastai `Optimizer`, an `OptimWrapper` or a torch optimizer."
+    "`(param_lists, mom per group, state lookup, state names)` for a fastai `Optimizer`, an `OptimWrapper` or a torch optimizer."
     if isinstance(opt, OptimWrapper): opt = opt.opt
     if isinstance(opt, torch.optim.Optimizer):
         moms = [g.get('momentum', g.get('betas', (math.nan,))[0]) for g in opt.param_groups]
-        return [g['params'] for g in opt.param_groups], moms, opt.state
+        return [g['params'] for g in opt.param_groups], moms, opt.state, _TORCH_MOMENTS
     if isinstance(opt, Optimizer):
-        return list(opt.param_lists), [h.get('mom', math.nan) for h in opt.hypers], opt.state
+        return list(opt.param_lists), [h.get('mom', math.nan) for h in opt.hypers], opt.state, _FASTAI_MOMENTS
     raise TypeError(f"opt_state reads a Learner, a fastai Optimizer, an OptimWrapper or a torch optimizer, not {type(opt).__name__}")
 
 
 def _first(st, keys):
     return next((st[k] for k in keys if isinstance(st.get(k), torch.Tensor)), None)
+
+
+def param_moments(opt, ps, centering=False):
+    """The moments `opt` keeps for each parameter of `ps`, read from its own state: `(states, firsts, seconds)`,
+    lists with None where it keeps none (and the centering means as a fourth list with `centering`). The first
+    moment is fastai's `grad_avg` (this package's too), torch's `momentum_buffer` or `exp_avg`; the second `sqr_avg`,
+    `exp_avg_sq` or `square_avg`; the centering mean of a centered RMSprop is `grad_mean` here, `grad_avg` in
+    torch. Works for fastai `Optimizer`s, `OptimWrapper(torch.optim...)` and torch optimizers."""
+    _, _, state, names = _groups_and_state(opt)
+    states = [state.get(p) or {} for p in ps]
+    return (states, *([_first(st, keys) for st in states] for keys in names[:3 if centering else 2]))
 
 
 def _norms(tensors, ord=2):
@@ -446,27 +477,27 @@ def _norms(tensors, ord=2):
 def opt_state(learn_or_opt):
     """One row per parameter tensor with optimizer state: `layer`, `param` (named from the model when a
     `Learner` is given, else `group{i}` and `group{i}.{j}`), `numel`, `step`, the group's `mom`,
-    ‖first moment‖₂ (`grad_avg`, torch's `momentum_buffer` or `exp_avg`) and √mean of the second moment
-    (`sqr_avg`, `exp_avg_sq` or `square_avg`; NaN when there is none)."""
+    ‖first moment‖₂ (`grad_avg`, torch's `momentum_buffer` or `exp_avg`), √mean of the second moment
+    (`sqr_avg`, `exp_avg_sq` or `square_avg`) and ‖centering mean‖₂ of a centered RMSprop (`grad_mean_norm`), each
+    NaN where the state holds none (`param_moments` reads them)."""
     if isinstance(learn_or_opt, Learner):
         if learn_or_opt.opt is None: raise ValueError("the Learner has no optimizer yet: call `learn.create_opt()` or fit first")
         opt, names = learn_or_opt.opt, param_layer_names(learn_or_opt.model)
     else: opt, names = learn_or_opt, {}
-    param_lists, moms, state = _groups_and_state(opt)
-    rows, firsts, seconds = [], [], []
+    param_lists, moms, _, _ = _groups_and_state(opt)
+    rows, firsts, seconds, centers = [], [], [], []
     for gi, (pg, mom) in enumerate(zip(param_lists, moms)):
-        for j, p in enumerate(pg):
-            st = state.get(p, {}) if isinstance(state, dict) else {}
-            first, second = _first(st, _FIRST_MOMENT), _first(st, _SECOND_MOMENT)
+        for j, (p, st, first, second, center) in enumerate(zip(pg, *param_moments(opt, pg, centering=True))):
             if first is None and second is None and 'step' not in st: continue
             layer, name = names.get(id(p), (f'group{gi}', f'group{gi}.{j}'))
             step = st.get('step', math.nan)
             rows.append((layer, name, p.numel(), float(step) if not isinstance(step, torch.Tensor) else step.item(), mom))
-            firsts.append(first); seconds.append(second)
+            firsts.append(first); seconds.append(second); centers.append(center)
     df = pd.DataFrame(rows, columns=_OPT_STATE_COLS[:5])
     df['mom'] = df['mom'].astype(float)
     df['grad_avg_norm'] = _norms(firsts)
     numel = df['numel'].to_numpy(dtype=float)
     df['sqr_avg_rms'] = np.sqrt(_norms(seconds, 1) / np.maximum(numel, 1))  # v ≥ 0, so ‖v‖₁ = Σv
+    df['grad_mean_norm'] = _norms(centers)
     if len(df) and df['step'].notna().all(): df['step'] = df['step'].astype('int64')
     return df

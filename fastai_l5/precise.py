@@ -26,10 +26,11 @@ from fastcore.foundation import L
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import LogTable, unwrap_model
-from .loggers import attach_sinks
+from .core import Log, StepCallback, check_count, unwrap_model
+from .dropout import dropout_layers
+from . import loggers  # noqa: F401  (registers the TensorBoard/W&B sinks: core.LOGGER_HOOKS)
 
-__all__ = ['bn_layers', 'precise_bn', 'PreciseBNCallback', 'MAX_PRECISE_BATCHES']
+__all__ = ['BN_TYPES', 'bn_layers', 'precise_bn', 'PreciseBNCallback', 'MAX_PRECISE_BATCHES', 'all_sum']
 
 MAX_PRECISE_BATCHES = 200
 
@@ -37,12 +38,15 @@ MAX_PRECISE_BATCHES = 200
 # ---------------------------------------------------------------------------------------------
 # Finding BN layers
 
+BN_TYPES = (_BatchNorm,)  # what a BN layer is: BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
+
+
 def bn_layers(model):
-    """`L` of `(name, module)` for every BN layer (`torch.nn.modules.batchnorm._BatchNorm`, so
-    `SyncBatchNorm` too) of `model` that keeps running statistics, in `named_modules()` order. Looked up
-    afresh on each call: `DistributedTrainer` swaps module objects at `before_fit`."""
+    """`L` of `(name, module)` for every BN layer (`BN_TYPES`, so `SyncBatchNorm` too) of `model` that keeps
+    running statistics, in `named_modules()` order. Looked up afresh on each call: `DistributedTrainer` swaps
+    module objects at `before_fit`."""
     return L((name, m) for name, m in unwrap_model(model).named_modules()
-             if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None)
+             if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None)
 
 
 def require_bn(model, who):
@@ -61,13 +65,6 @@ def warn_once(cb, msg):
     warnings.warn(f"{type(cb).__name__}: {msg}", stacklevel=3)
 
 
-def check_count(name, value, lo=1):
-    "`value` as an `int`, or a `ValueError` naming `name` unless it is an integer >= `lo`."
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
-    return int(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # Processes
 
@@ -75,8 +72,8 @@ def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_sum(t):
-    "Sum of `t` over all processes (every rank gets the same tensor); `t` itself with one process."
+def all_sum(t):
+    "Sum of `t` over all processes, in place (every rank gets the same tensor); `t` itself with one process."
     if _world_size() > 1: dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -95,7 +92,7 @@ def _all_min(n, device):
     return int(t)
 
 
-def _merge_moments(n, mean, m2, allsum=_all_sum):
+def _merge_moments(n, mean, m2, allsum=all_sum):
     """Pool per-process `(n, mean, m2)` (count, mean and sum of squared deviations, per channel) into
     the statistics of all samples together, with `allsum` summing a tensor over processes:
     N = Σn, μ = Σn·μ_r/N, M2 = Σ(M2_r + n·(μ_r − μ)²) (Chan et al.'s parallel update)."""
@@ -166,13 +163,12 @@ def _bn_pass_mode(model, bns, dropout=True):
         try:
             model.train()
             if not dropout:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.dropout._DropoutNd): m.eval()
+                for m in dropout_layers(model).values(): m.eval()
             for bn in bns: bn.momentum = 1.
             yield
         finally:
             for bn, mom in momenta: bn.momentum = mom
-            for bn, nbt in tracked: bn.num_batches_tracked.copy_(nbt)
+            for bn, counts in tracked: bn.num_batches_tracked.copy_(counts)
 
 
 class _MomentAccumulator:
@@ -318,7 +314,7 @@ def valid_loss(learn, dl=None):
             bs = len(yb[0])
             total[0] += learn.loss_func(model(*xb), *yb).double() * bs
             total[1] += bs
-    total = _all_sum(total)
+    total = all_sum(total)
     return float(total[0] / total[1]) if total[1] else float('nan')
 
 
@@ -350,7 +346,13 @@ def precise_bn(learn, n_batches=None, dl=None, dropout=True):
 patch_to(Learner, nm='precise_bn')(precise_bn)
 
 
-class PreciseBNCallback(Callback):
+# the gaps between running and population statistics, as `precise_bn` returns them and both callbacks log them
+GAP_COLUMNS = {
+    'mean_gap': 'mean over channels of |μ_R − μ_P| / √(σ²_P + eps): running against population mean',
+    'var_gap': 'mean over channels of |log(σ²_R / σ²_P)|: running against population variance'}
+
+
+class PreciseBNCallback(StepCallback):
     """PreciseBN as a training hook (fvcore's and detectron2's, as a fastai callback): at the end of the
     training phase of every `every`-th epoch, and always of a fit's last epoch, replace every BN layer's
     running statistics by the population statistics over `n_batches` training batches (`precise_bn`'s
@@ -363,30 +365,19 @@ class PreciseBNCallback(Callback):
     update (see `precise_bn`); the same on every rank, kept in memory (an exported copy starts empty).
     Attached as `learn.precise_bn_cb`, so `learn.precise_bn` stays the method."""
     order = 45   # after BNDrift (40): its per-epoch gaps measure the EMA, not statistics this callback set
-    _stateattrs = ('_log',)
+    logs = (Log('bn_precise', 'epoch', ('layer',), GAP_COLUMNS, doc='04_batchnorm'),)
 
     def __init__(self, every=1, n_batches=MAX_PRECISE_BATCHES, dropout=True):
         super().__init__()
-        self._init_state()
         self.every, self.n_batches = check_count('every', every), check_count('n_batches', n_batches)
         self.dropout = bool(dropout)
-
-    def _init_state(self):
-        "A fresh, empty log: also what an unpickled copy (`load_learner`) starts with."
-        super()._init_state()
-        self._log = LogTable(['epoch', 'layer', 'mean_gap', 'var_gap'])
 
     @property
     def name(self): return 'precise_bn_cb'   # fastai's default, 'precise_bn', would hide `Learner.precise_bn`
 
-    @property
-    def df(self):
-        "One row per (updated epoch, BN layer): `epoch`, `layer`, `mean_gap`, `var_gap` before the update."
-        return self._log.df
-
     def before_fit(self):
+        super().before_fit()   # the gaps also go to a TensorBoard/W&B logger of the same fit
         self._trained = False
-        attach_sinks(self)   # the gaps also go to a TensorBoard/W&B logger of the same fit
 
     def after_batch(self):
         if self.training: self._trained = True
@@ -396,6 +387,7 @@ class PreciseBNCallback(Callback):
 
     def after_fit(self):
         if self._trained: self._apply()   # stopped early, after training but before this epoch's pass
+        super().after_fit()
 
     def _apply(self):
         self._trained = False
@@ -403,6 +395,5 @@ class PreciseBNCallback(Callback):
         n = precise_batch_count(self.n_batches, dl, bns[0][1].running_mean.device, strict=False, warn=partial(warn_once, self))
         if n == 0: return warn_once(self, "the training loader holds no batch; running statistics left as they were")
         gaps = _apply_population_stats(self.learn, bns, dl, n, self.dropout)
-        self._log.append(epoch=self.epoch, layer=gaps['layer'].to_numpy(), mean_gap=gaps['mean_gap'].to_numpy(),
-                         var_gap=gaps['var_gap'].to_numpy())
-        self._log.flush()   # to the host (and a logger's sink) while the fit runs
+        self.table.append(epoch=self.epoch, **{c: gaps[c].to_numpy() for c in ('layer', *GAP_COLUMNS)})
+        self.table.flush()   # to the host (and a logger's sink) while the fit runs

@@ -26,7 +26,7 @@ from fastcore.foundation import L
 
 from .audit import balanced_class_weights, classification_scores, fit_key, linear_baseline, target_leak, value_ci
 from .batchnorm import BNDrift
-from .core import StepCallback, new_figure
+from .core import StepCallback, find_cb, new_figure
 from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_html, findings_section
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
@@ -35,15 +35,15 @@ from .optim import adam, opt_state
 __all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'report_threads', 'train_recipe', 'write_summary',
            'train_report', 'write_report']
 
-# (attribute on the Learner, section title, what the section shows)
+# (callback class, found by type; the stem of its CSV and PNG files; section title; what the section shows)
 SECTIONS = [
-    ('momentum_logger', 'Momentum (MomentumLogger)',
+    (MomentumLogger, 'momentum_logger', 'Momentum (MomentumLogger)',
      "Per layer and step: the gradient, the optimizer's first-moment EWMA, the cosine between them, the share "
      "of entries where the gradient pushes against the momentum, and the update/parameter ratio."),
-    ('dropout_schedule', 'Dropout (DropoutSchedule)',
+    (DropoutSchedule, 'dropout_schedule', 'Dropout (DropoutSchedule)',
      "The dropout probability every dropout layer applied at each training batch (curriculum dropout here: "
      "p·(1 − e^(−10·pct)), with fastai's p on the last layer and p/2 before it)."),
-    ('bn_drift', 'Batch norm (BNDrift)',
+    (BNDrift, 'bn_drift', 'Batch norm (BNDrift)',
      "How far each batch's statistics sit from the running EWMA (mean_shift, var_shift), how far the running "
      "statistics moved since the fit began (mean_drift), and, per epoch, the gap between the running and the "
      "population statistics with the validation loss under each."),
@@ -281,10 +281,10 @@ LEGEND = {
                            '04_batchnorm'),
     'grad_norm': ('‖g‖, the gradient of the layer', '02_momentum'),
     'mom_norm': ("‖m‖, the optimizer's first-moment EWMA (momentum)", '02_momentum'),
-    'cos_mom_grad': ('⟨g, m⟩ / (‖g‖‖m‖): how much the gradient agrees with the momentum (Training table: the epoch '
-                     'mean over steps and layers)', '02_momentum'),
-    'sign_flip': ('share of entries where the gradient pushes against the momentum (g·m < 0; Training table: the '
-                  'epoch mean)', '02_momentum'),
+    'cos_mom_grad': ('⟨g, m_{t−1}⟩ / (‖g‖‖m_{t−1}‖): how much the gradient agrees with the momentum carried in from '
+                     'the steps before (Training table: the epoch mean over steps and layers)', '02_momentum'),
+    'sign_flip': ('share of entries where the gradient pushes against the momentum carried in (g·m_{t−1} < 0; '
+                  'Training table: the epoch mean)', '02_momentum'),
     'update_norm': ('‖Δp‖, the change the step made to the parameters', '02_momentum'),
     'param_norm': ('‖p‖ after the step', '02_momentum'),
     'update_ratio': ('‖Δp‖ / ‖p‖', '02_momentum'),
@@ -311,6 +311,7 @@ LEGEND = {
     'numel': ('number of entries of the tensor', '01_optim'),
     'mom': ("the parameter group's momentum hyper-parameter now", '01_optim'),
     'grad_avg_norm': ("‖first moment‖ (fastai's grad_avg, torch's momentum_buffer or exp_avg)", '01_optim'),
+    'grad_mean_norm': ("‖centering mean‖ of a centered RMSprop (grad_mean here, torch's grad_avg); NaN otherwise", '01_optim'),
 }
 
 
@@ -405,8 +406,8 @@ def write_report(learn, out='l5_report', title='fastai_l5 report', notes='', tra
         epochs.to_csv(out / 'epochs.csv', index=False)
         parts.append(f'<h2>Training</h2>{_table_html(epochs, 50, pages)}<p><a href="epochs.csv">epochs.csv</a></p>')
     parts.append(f'<img src="{_figure_file(_training_figure(learn), out, "training.png")}" alt="training curves">')
-    for attr, heading, text in SECTIONS:
-        cb = getattr(learn, attr, None)
+    for cls, attr, heading, text in SECTIONS:
+        cb = find_cb(learn, cls)
         if cb is None: continue
         parts.append(f'<h2>{html.escape(heading)}</h2><p>{html.escape(text)}</p>')
         parts.append(f'<img src="{_figure_file(cb.plot(), out, attr + ".png")}" alt="{attr} plot">')

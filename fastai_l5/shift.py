@@ -108,10 +108,10 @@ def shift_table(learn, df, alpha=SHIFT_ALPHA, min_effect=0.1):
     'categorical'), `shifted`, `test` (which test fired: 'mean z', 'spread z', 'chi2', 'js'), `evidence` (one
     sentence with the numbers) and `stat` (|z|, or -log10 p, to rank the features). A model without `bn_cont`
     has its categorical features tested alone."""
-    from torch.nn.modules.batchnorm import _BatchNorm
     from .core import unwrap_model
+    from .precise import BN_TYPES
     conts, cats = list(learn.dls.cont_names), list(learn.dls.cat_names)
-    if not isinstance(getattr(unwrap_model(learn.model), 'bn_cont', None), _BatchNorm): conts = []  # bn_shift's reference
+    if not isinstance(getattr(unwrap_model(learn.model), 'bn_cont', None), BN_TYPES): conts = []  # bn_shift's reference
     m = 2 * len(conts) + len(cats)
     if not m: return pd.DataFrame(columns=['feature', 'kind', 'shifted', 'test', 'evidence', 'stat'])
     each = alpha / m

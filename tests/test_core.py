@@ -7,7 +7,7 @@ from fastai.tabular.all import tabular_learner
 from fastai.callback.core import Callback
 from matplotlib.figure import Figure
 
-from fastai_l5.core import LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
+from fastai_l5.core import Log, LogTable, StepCallback, check_in_range, layer_params, plot_per_layer, rank0_log, unwrap_model
 from helpers import SkipEvery
 
 
@@ -63,7 +63,7 @@ def test_unwrap_model_looks_through_data_parallel(dls):
 
 def test_check_in_range_names_argument():
     assert check_in_range('mom', 0.5) == 0.5
-    with pytest.raises(ValueError, match=r"mom=1.0 is outside \[0.0, 1.0\)"): check_in_range('mom', 1.0, 0., 1.)
+    with pytest.raises(ValueError, match=r"Invalid mom: 1.0 \(must be in \[0, 1\)\)"): check_in_range('mom', 1.0, 0., 1.)
     with pytest.raises(ValueError, match='eps'): check_in_range('eps', 0., 0., float('inf'), lo_open=True)
     with pytest.raises(ValueError, match='nan'): check_in_range('p', float('nan'))
 
@@ -108,9 +108,9 @@ def test_layer_params_and_plot(dls):
 
 class LossLog(StepCallback):
     "A minimal pipeline user: stages the training loss (a tensor, left on its device) of every real step."
-    log_columns, flush_every = ['step', 'epoch', 'loss'], 3
+    logs, flush_every = (Log('loss', 'step', ('epoch',), {'loss': 'the training loss of the step'}),), 3
     epoch_columns = {'mean_loss': 'epoch_loss'}
-    def __init__(self, path=None, keep=True): self._init_state(); self.open_log(path, keep)
+    def __init__(self, path=None, keep=True): super().__init__(); self.open_log(path, keep)
     def after_step(self):
         if self.count_step() and self.logs_here: self.stage((self.n_step, self.learn.epoch, self.learn.loss.detach()))
     def rows(self, entries):

@@ -107,11 +107,11 @@ def test_preset_formulas():
     half, full = fastai_ps(early_dropout(0.4), 2)
     assert half(0.1) == 0.2 and full(0.1) == 0.4 and half(0.9) == 0.
     # presets check their own arguments
-    with pytest.raises(ValueError, match='p=1.2'): early_dropout(1.2)
+    with pytest.raises(ValueError, match='Invalid p: 1.2'): early_dropout(1.2)
     with pytest.raises(ValueError, match='until'): early_dropout(0.3, until=1.5)
     with pytest.raises(ValueError, match='start'): late_dropout(0.3, start=-0.1)
     with pytest.raises(ValueError, match='gamma'): curriculum_dropout(0.3, gamma=0)
-    with pytest.raises(ValueError, match='n=0'): fastai_ps(0.3, 0)
+    with pytest.raises(ValueError, match='Invalid n: 0'): fastai_ps(0.3, 0)
 
 
 def test_presets_survive_pickling():

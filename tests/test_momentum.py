@@ -178,7 +178,7 @@ def test_every(dls):
     steps = [s for s in range(1, len(dls.train) + 1) if s % 3 == 0]
     assert sorted(set(learn.momentum_logger.df.step)) == steps
     assert_matches(learn.momentum_logger.df, rec, steps)
-    with pytest.raises(ValueError, match='every=0'): MomentumLogger(every=0)
+    with pytest.raises(ValueError, match='Invalid every: 0'): MomentumLogger(every=0)
 
 
 def test_history_survives_validate_get_preds_and_counts_across_fits(dls):

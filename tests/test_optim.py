@@ -275,7 +275,7 @@ def test_bad_hypers_raise(make, name, value):
 
 def test_set_hyper_is_checked():
     opt = adam()([torch.zeros(2, requires_grad=True)], lr=1e-3)
-    with pytest.raises(ValueError, match=r'mom=1\.2'): opt.set_hyper('mom', 1.2)
+    with pytest.raises(ValueError, match=r'Invalid mom: 1\.2'): opt.set_hyper('mom', 1.2)
     with pytest.raises(ValueError, match='lr'): opt.set_hyper('lr', -1.)
     assert opt.hypers[0]['mom'] == 0.9
 
@@ -413,7 +413,10 @@ def test_export_load_learner(dls, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # opt_state
 
-def first_moment(st): return next(st[k] for k in ('grad_avg', 'momentum_buffer', 'exp_avg') if k in st)
+def first_moment(st, torch_names):
+    "The momentum: torch's centered RMSprop also keeps a `grad_avg`, its centering mean, which is not it."
+    names = ('momentum_buffer', 'exp_avg') if torch_names else ('grad_avg',)
+    return next(st[k] for k in names if k in st)
 
 
 @pytest.mark.parametrize('name,opt_func,has_sqr', [
@@ -424,12 +427,14 @@ def first_moment(st): return next(st[k] for k in ('grad_avg', 'momentum_buffer',
     ('torch_adam', partial(OptimWrapper, opt=torch.optim.Adam), True),
     ('torch_adamw', partial(OptimWrapper, opt=torch.optim.AdamW), True),
     ('torch_rmsprop', partial(OptimWrapper, opt=partial(torch.optim.RMSprop, momentum=0.9)), True),
+    ('torch_rmsprop_centered', partial(OptimWrapper, opt=partial(torch.optim.RMSprop, momentum=0.9, centered=True)), True),
+    ('ours_rmsprop_centered', rmsprop(mom=0.9, centered=True), True),
 ])
 def test_opt_state(dls, name, opt_func, has_sqr):
     learn = make_learn(dls, opt_func)
     learn.create_opt()
     assert len(opt_state(learn)) == 0 and list(opt_state(learn).columns) == [
-        'layer', 'param', 'numel', 'step', 'mom', 'grad_avg_norm', 'sqr_avg_rms']
+        'layer', 'param', 'numel', 'step', 'mom', 'grad_avg_norm', 'sqr_avg_rms', 'grad_mean_norm']
     fit_seeded(learn, one_cycle=False, lr=1e-3)
     df = opt_state(learn)
     names = param_layer_names(learn.model)
@@ -437,10 +442,15 @@ def test_opt_state(dls, name, opt_func, has_sqr):
     assert len(df) == len(ps)
     assert list(df['param']) == [names[id(p)][1] for p in ps] and list(df['layer']) == [names[id(p)][0] for p in ps]
     assert list(df['numel']) == [p.numel() for p in ps]
-    state = learn.opt.opt.state if isinstance(learn.opt, OptimWrapper) else learn.opt.state
+    wrapped = isinstance(learn.opt, OptimWrapper)
+    state = learn.opt.opt.state if wrapped else learn.opt.state
     for p, row in zip(ps, df.itertuples()):
         st = state[p]
-        assert row.grad_avg_norm == pytest.approx(first_moment(st).norm().item(), rel=1e-5)
+        assert row.grad_avg_norm == pytest.approx(first_moment(st, wrapped).norm().item(), rel=1e-5)
+        # a centered RMSprop shows its centering mean beside the momentum buffer
+        center = st.get('grad_avg' if wrapped else 'grad_mean') if 'centered' in name else None
+        if center is None: assert math.isnan(row.grad_mean_norm)
+        else: assert row.grad_mean_norm == pytest.approx(center.norm().item(), rel=1e-5) and row.grad_mean_norm != row.grad_avg_norm
         sq = next((st[k] for k in ('sqr_avg', 'exp_avg_sq', 'square_avg') if k in st), None)
         if has_sqr: assert row.sqr_avg_rms == pytest.approx(sq.mean().sqrt().item(), rel=1e-5)
         else: assert math.isnan(row.sqr_avg_rms)
@@ -502,3 +512,23 @@ def test_a_working_fused_kernel_is_used(fresh_kernel_checks, monkeypatch):
     calls = count_kernels(monkeypatch)
     opt.step()
     assert '_fused_adamw_' in calls
+
+
+@pytest.mark.parametrize('opt_func,along', [(sgd_momentum(0.9), True), (sgd_momentum(0.8, debias=True), True),
+                                             (sgd_momentum(0.9, wd=0.1), False),
+                                             (sgd_momentum(0.9, dampening=False, nesterov=True), False)],
+                         ids=['ewma', 'debias', 'decay', 'nesterov'])
+def test_sgd_reports_its_step_along_the_momentum(opt_func, along):
+    "`momentum_step_scales`: the c of Δp = −c·grad_avg of the step that just ran, checked against p before and after."
+    model = make_model(); opt = opt_func(groups_of(model), lr=LR)
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, n_steps=1)
+        ps = list(model.parameters())
+        scales = opt.momentum_step_scales(ps)
+        assert opt.steps_along_momentum() == along and (scales is None) == (not along)
+        if not along: continue
+        states, firsts, seconds = param_moments(opt, ps)
+        assert all(s is None for s in seconds)
+        for p, p0, c, m in zip(ps, before, scales, firsts):
+            torch.testing.assert_close(p - p0, -c * m, rtol=1e-5, atol=1e-7)
