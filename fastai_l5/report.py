@@ -31,6 +31,7 @@ from .diagnose import COLUMNS as FINDINGS_COLUMNS, findings_html, findings_secti
 from .dropout import DropoutSchedule, curriculum_dropout, fastai_ps
 from .momentum import MomentumLogger
 from .optim import adam, opt_state
+from .precise import PreciseBNCallback
 
 __all__ = ['instrumented_learner', 'find_lr', 'plain_progress', 'report_threads', 'train_recipe', 'write_summary',
            'train_report', 'write_report']
@@ -277,26 +278,6 @@ LEGEND = {
     'rmse': ('validation root mean squared error on the original scale of the target', None),
     'accuracy': ('share of validation rows classified right', None),
     'dropout_p': ('epoch mean of the dropout p applied (p in dropout_schedule.csv)', '03_dropout'),
-    'valid_loss_precise': ('validation loss with population (PreciseBN) statistics instead of the running ones',
-                           '04_batchnorm'),
-    'grad_norm': ('‖g‖, the gradient of the layer', '02_momentum'),
-    'mom_norm': ("‖m‖, the optimizer's first-moment EWMA (momentum)", '02_momentum'),
-    'cos_mom_grad': ('⟨g, m_{t−1}⟩ / (‖g‖‖m_{t−1}‖): how much the gradient agrees with the momentum carried in from '
-                     'the steps before (Training table: the epoch mean over steps and layers)', '02_momentum'),
-    'sign_flip': ('share of entries where the gradient pushes against the momentum carried in (g·m_{t−1} < 0; '
-                  'Training table: the epoch mean)', '02_momentum'),
-    'update_norm': ('‖Δp‖, the change the step made to the parameters', '02_momentum'),
-    'param_norm': ('‖p‖ after the step', '02_momentum'),
-    'update_ratio': ('‖Δp‖ / ‖p‖', '02_momentum'),
-    'beta': ('the mom hyper-parameter of the step (EWMA window about 1/(1−β) steps)', '02_momentum'),
-    'sqr_avg_rms': ('√mean of the second moment (squared-gradient EWMA); NaN without one', '01_optim'),
-    'pct': ('share of training done at that batch, 0..1', '03_dropout'),
-    'p': ('the dropout probability the layer applied at that batch', '03_dropout'),
-    'mean_shift': ("|batch mean − running mean| / running sd, averaged over the layer's channels", '04_batchnorm'),
-    'var_shift': ("|log(batch variance / running variance)|, averaged over channels", '04_batchnorm'),
-    'mean_drift': ('how far the running mean moved since the fit began, in sds of the starting statistics', '04_batchnorm'),
-    'mean_gap': ('|running mean − population mean| / population sd, averaged over channels', '04_batchnorm'),
-    'var_gap': ('|log(running variance / population variance)|, averaged over channels', '04_batchnorm'),
     'severity': ("a finding's weight: warn (costs accuracy or time), info (worth knowing), ok", '07_diagnose'),
     'kind': ('what diagnose found: lr_too_high, stale_bn_stats, healthy, ... (its thresholds are on the page)', '07_diagnose'),
     'where': ('the layer or feature the finding is about; empty for the whole model', '07_diagnose'),
@@ -313,6 +294,22 @@ LEGEND = {
     'grad_avg_norm': ("‖first moment‖ (fastai's grad_avg, torch's momentum_buffer or exp_avg)", '01_optim'),
     'grad_mean_norm': ("‖centering mean‖ of a centered RMSprop (grad_mean here, torch's grad_avg); NaN otherwise", '01_optim'),
 }
+
+
+def _telemetry_legend():
+    """The legend of every measured column of the telemetry callbacks, read from their declared `logs` (API §10):
+    the meaning and docs page are written once, where each log is declared. A column that is also one of the
+    progress table's epoch columns (`cos_mom_grad`, `sign_flip`) says that the Training table holds its epoch mean."""
+    legend = {}
+    for cls in (MomentumLogger, DropoutSchedule, BNDrift, PreciseBNCallback):
+        for log in cls.logs:
+            for c, meaning in log.columns.items():
+                mean = ' (Training table: its epoch mean over steps and layers)' if c in cls.epoch_columns else ''
+                legend.setdefault(c, (meaning + mean, log.doc or None))
+    return legend
+
+
+LEGEND = {**_telemetry_legend(), **LEGEND}  # the general entries (`valid_loss`) win over a log's narrower one
 
 
 def _legend_html(columns, pages=()):

@@ -120,3 +120,15 @@ def test_report_shows_renamed_callbacks(renamed, tmp_path):
         assert heading in page
     for name in ('momentum_logger.csv', 'dropout_schedule.csv', 'bn_drift.csv', 'bn_drift_precise_df.csv'):
         assert (tmp_path / 'r' / name).exists()
+
+
+def test_the_report_legend_reads_the_declared_logs():
+    "Every measured column's legend in the report is its declaration's meaning and docs page, written once."
+    from fastai_l5.report import LEGEND
+    for cls in (MomentumLogger, DropoutSchedule, BNDrift, PreciseBNCallback):
+        for log in cls.logs:
+            for c, meaning in log.columns.items():
+                if c == 'valid_loss': continue        # the report's general entry: the Training table's column too
+                text, page = LEGEND[c]
+                assert text.startswith(meaning) and page == log.doc, (cls.__name__, c)
+    assert 'epoch mean' in LEGEND['cos_mom_grad'][0] and 'epoch mean' not in LEGEND['grad_norm'][0]
