@@ -303,9 +303,9 @@ def _telemetry_legend():
     legend = {}
     for cls in (MomentumLogger, DropoutSchedule, BNDrift, PreciseBNCallback):
         for log in cls.logs:
-            for c, meaning in log.columns.items():
+            for c in log.all_columns:  # the step and index columns too (`pct`): their meanings are shared
                 mean = ' (Training table: its epoch mean over steps and layers)' if c in cls.epoch_columns else ''
-                legend.setdefault(c, (meaning + mean, log.doc or None))
+                legend.setdefault(c, (log.meaning(c) + mean, log.doc or None))
     return legend
 
 
