@@ -12,7 +12,7 @@ import torch
 
 from .core import unwrap_model
 from .dropout import dropout_layers
-from .precise import _split, _on_device, _model_device, bn_layers, module_modes, preserved_rng, _pooled_stats, set_flat_stats
+from .precise import split_batch, batch_to_device, model_device, bn_layers, module_modes, preserved_rng, pooled_stats, set_flat_stats
 
 __all__ = []
 
@@ -22,19 +22,19 @@ def _batches(learn, dl, n_batches=None, max_rows=None, shuffle=False):
     size), or up to `max_rows` rows. A fastai tabular loader is read in one piece (one pandas lookup, not one per
     batch): the rows of a fixed permutation (seed 0, its own generator) when `shuffle`, else the first rows."""
     from fastai.tabular.core import TabDataLoader
-    device, bs = _model_device(learn), int(dl.bs)
+    device, bs = model_device(learn), int(dl.bs)
     if isinstance(dl, TabDataLoader) and len(dl.dataset):
         n = len(dl.dataset)
         want = min(n, n_batches * bs if n_batches is not None else max_rows)
         idx = np.random.default_rng(0).permutation(n)[:want] if shuffle else np.arange(want)
-        b = _on_device(tuple(dl.after_batch(dl.create_batch(idx))), device)
-        xb, yb = _split(learn, b)
+        b = batch_to_device(tuple(dl.after_batch(dl.create_batch(idx))), device)
+        xb, yb = split_batch(learn, b)
         size = bs if n_batches is not None else max(bs, 256)
         return [(tuple(x[i:i + size] for x in xb), tuple(y[i:i + size] for y in yb)) for i in range(0, want, size)
                 if n_batches is None or i + size <= want or i == 0]
     out, rows = [], 0
     for b in dl:
-        xb, yb = _split(learn, _on_device(b, device))
+        xb, yb = split_batch(learn, batch_to_device(b, device))
         out.append((xb, yb)); rows += len(yb[0])
         if (n_batches is not None and len(out) >= n_batches) or (max_rows is not None and rows >= max_rows): break
     return out
@@ -97,7 +97,7 @@ class Sandbox:
         if not len(bns): return float('nan')
         mods = list(bns.itemgot(1))
         with preserved_rng(self.learn.dls.train):
-            mean_p, var_p = _pooled_stats(unwrap_model(model), mods, [x for x, _ in self.train[:n_batches]])
+            mean_p, var_p = pooled_stats(unwrap_model(model), mods, [x for x, _ in self.train[:n_batches]])
         with torch.no_grad(): set_flat_stats(mods, mean_p, var_p)
         return self.score(model)
 

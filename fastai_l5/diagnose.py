@@ -22,7 +22,7 @@ from .core import find_cb, unwrap_model
 from .counterfactual import Sandbox, effect_text
 from .dropout import DROPOUT_TYPES, DropoutSchedule, dropout_layers
 from .momentum import MomentumLogger
-from .precise import BN_TYPES, bn_layers, module_modes, preserved_rng
+from .precise import BN_TYPES, batch_to_device, bn_layers, model_device, module_modes, preserved_rng, split_batch
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
            'plot_finding', 'findings_section', 'actionable']
@@ -267,15 +267,9 @@ def _dropout_too_strong(learn, ddf, th, box):
 
 
 def _train_batches(learn, n):
-    "The first `n` (inputs, targets) batches of the training loader, on the model's device."
-    device = next(learn.model.parameters()).device
-    n_inp = getattr(learn.dls, 'n_inp', 1)
-    out = []
-    for b in learn.dls.train:
-        b = tuple(t.to(device) for t in b)
-        out.append((b[:n_inp], b[n_inp:]))
-        if len(out) >= n: break
-    return out
+    "The first `n` (inputs, targets) batches of the training loader, on the model's device (`precise`'s batch helpers)."
+    device = model_device(learn)
+    return [split_batch(learn, batch_to_device(b, device)) for _, b in zip(range(n), learn.dls.train)]
 
 
 def _dead_layer(mom, th):

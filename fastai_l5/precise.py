@@ -207,7 +207,7 @@ def channel_layer_index(sizes, device):
 
 
 @torch.no_grad()
-def _pooled_stats(model, bns, batches, dropout=True):
+def pooled_stats(model, bns, batches, dropout=True):
     """Population mean and variance (σ²_P with divisor N, the variance of all the samples the layer saw)
     of every BN layer's input over `batches` (tuples of model inputs), pooled over samples — a batch
     weighs by its size — and over processes under `torch.distributed`. Returns flat float64 tensors
@@ -236,25 +236,25 @@ def _pooled_stats(model, bns, batches, dropout=True):
     return _from_rank0(mean), _from_rank0(m2 / total)
 
 
-def _split(learn, b):
+def split_batch(learn, b):
     """`(xb, yb)` the way `Learner._split` cuts a batch: the loaders' `n_inp`, or all items but the last
     where the loaders do not say (as under `DistributedDL`)."""
     i = getattr(learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
     return b[:i], b[i:]
 
 
-def _on_device(b, device): return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
+def batch_to_device(b, device): return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
 
 
-def _model_device(learn): return next(learn.model.parameters()).device
+def model_device(learn): return next(learn.model.parameters()).device
 
 
 def _inputs(learn, dl, n_batches):
     "The model inputs of the first `n_batches` batches of `dl`, on the model's device (any number of inputs)."
-    device = _model_device(learn)
+    device = model_device(learn)
     for i, b in enumerate(dl):
         if i >= n_batches: break
-        yield _split(learn, _on_device(b, device))[0]
+        yield split_batch(learn, batch_to_device(b, device))[0]
 
 
 def flat_stats(bns):
@@ -295,7 +295,7 @@ def population_pass(learn, bns, dl, n_batches, dropout=True):
     names, mods = list(bns.itemgot(0)), list(bns.itemgot(1))
     mean_r, var_r = map(_from_rank0, flat_stats(mods))
     with preserved_rng(dl):
-        mean_p, var_p = _pooled_stats(unwrap_model(learn.model), mods, _inputs(learn, dl, n_batches), dropout)
+        mean_p, var_p = pooled_stats(unwrap_model(learn.model), mods, _inputs(learn, dl, n_batches), dropout)
     gaps = _gaps(mods, mean_r, var_r, mean_p, var_p)
     return mean_p, var_p, pd.DataFrame({'layer': names, 'mean_gap': gaps[0], 'var_gap': gaps[1]})
 
@@ -305,12 +305,12 @@ def valid_loss(learn, dl=None):
     """Mean validation loss over `dl` (default the validation loader) with the model in eval mode,
     weighted by batch size as `Recorder` does, over the samples of all ranks (sums and counts added up)."""
     model, dl = unwrap_model(learn.model), learn.dls.valid if dl is None else dl
-    device = _model_device(learn)
+    device = model_device(learn)
     total = torch.zeros(2, dtype=torch.float64, device=device)   # Σ loss·bs, Σ bs
     with module_modes(model):
         model.eval()
         for b in dl:
-            xb, yb = _split(learn, _on_device(b, device))
+            xb, yb = split_batch(learn, batch_to_device(b, device))
             bs = len(yb[0])
             total[0] += learn.loss_func(model(*xb), *yb).double() * bs
             total[1] += bs
