@@ -171,17 +171,27 @@ def attach_sinks(cb):
 if attach_sinks not in LOGGER_HOOKS: LOGGER_HOOKS.append(attach_sinks)
 
 
+def _plain(v):
+    "`v` as W&B's config can store it: numbers, strings, lists and dicts as they are; any other object by its name."
+    if v is None or isinstance(v, (bool, int, float, str)): return v
+    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
+    if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
+    return getattr(v, '__name__', None) or type(v).__name__
+
+
 def fix_wandb_config():
     """Work around fastai issue #4173 (open): with fastcore ≥ 2.2.21 fastai's `WandbCallback.before_fit` raises
     `TypeError: vars() argument must have __dict__ attribute` while formatting the run's config, for any learner,
-    because its `_format_config_value` asks every value (ints, strings, ...) for its `__init__` arguments. Call this
-    once before fitting with `WandbCallback`: values that have no such arguments are then logged as they are. Changes
+    because its `_format_config_value` asks every value (ints, strings, ...) for its `__init__` arguments; and the
+    config it builds keeps objects (the model, the loss function) that W&B cannot store, so it prints "WandbCallback
+    could not log config parameters" and logs none. Call this once before fitting with `WandbCallback`: values without
+    such arguments are logged as they are, and objects by their name (`TabularModel`, `FlattenedLoss`). Changes
     nothing else, and nothing twice."""
     import fastai.callback.wandb as fw
     if getattr(fw._format_config_value, 'fixed_by_fastai_l5', False): return
     original = fw._format_config_value
     def _format_config_value(v):
-        try: return original(v)
-        except TypeError: return v
+        try: return _plain(original(v))
+        except TypeError: return _plain(v)
     _format_config_value.fixed_by_fastai_l5 = True
     fw._format_config_value = _format_config_value

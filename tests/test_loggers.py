@@ -79,14 +79,19 @@ def _wandb_history(run_dir):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_every_column(dls, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_every_column(dls, tmp_path, monkeypatch, capsys):
     import wandb
     from fastai.callback.wandb import WandbCallback
     monkeypatch.setenv('WANDB_MODE', 'offline'); monkeypatch.setenv('WANDB_SILENT', 'true')
     fix_wandb_config()   # fastai issue #4173: WandbCallback cannot start otherwise
     run = wandb.init(project='fastai_l5_test', dir=str(tmp_path))
-    try: learn = _fit(dls, WandbCallback(log=None, log_preds=False))
+    try:
+        learn = _fit(dls, WandbCallback(log=None, log_preds=False))
+        config = dict(run.config)
     finally: run.finish()
+    # the learner's config reaches W&B, objects by their name (fastai prints "could not log config" otherwise)
+    assert 'could not log config' not in capsys.readouterr().out
+    assert config['Learner']['model']['_name'] == 'TabularModel' and config['batch size'] == dls.bs
     history = _wandb_history(Path(run.dir).parent)
     got = defaultdict(lambda: ([], []))
     for item in history:
