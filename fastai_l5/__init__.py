@@ -6,9 +6,14 @@ What importing changes outside this package, each in one place and only where it
   user or `%matplotlib inline` already chose is left alone; outside Jupyter nothing happens.
 - `fastai_l5.dropout`: `Learner.fit` gets a wrapper that gives dropout modules their own p back when a fit
   raises (fastai runs no callback event then); it calls fastai's `fit` unchanged.
-- `fastai_l5.distributed`: `DistributedDL._broadcast` broadcasts on the host under gloo/MPI (fastai's CUDA-only
-  code otherwise), and `Learner.to_distributed` fails early on `sync_bn=True` over CPU processes.
-`fastai_l5.all` imports all three."""
+- `fastai_l5.distributed`, only where `accelerate` is installed (fastai's distributed module needs it):
+  `DistributedDL._broadcast` broadcasts on the host under gloo/MPI (fastai's CUDA-only code otherwise), and
+  `Learner.to_distributed` fails early on `sync_bn=True` over CPU processes.
+- new methods, added and never replacing one: `Learner.diagnose` (`fastai_l5.diagnose`), `Learner.precise_bn`
+  (`fastai_l5.precise`).
+Inside the package, `fastai_l5.loggers` adds its `attach_sinks` to `core.LOGGER_HOOKS` when imported (every
+telemetry module imports it), so the callbacks reach TensorBoard/W&B without `core` importing `loggers`.
+`fastai_l5.all` imports all of these."""
 __version__ = '0.1.0'
 
 _IMAGE_FORMATS = ('image/png', 'image/svg+xml', 'image/jpeg', 'application/pdf')
