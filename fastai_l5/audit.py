@@ -82,7 +82,7 @@ def _lstsq_r2(X, y, fit, held):
     return _r2(A[held] @ w, y[held])
 
 
-def _auc(score, positive):
+def rank_auc(score, positive):
     "ROC AUC of `score` for the boolean `positive` (the Mann-Whitney statistic, ties counted half)."
     pos, n_pos = np.asarray(positive, bool), int(np.sum(positive))
     n_neg = len(pos) - n_pos
@@ -194,7 +194,7 @@ def target_leak(xs, y, cat_names=(), cont_names=(), task='regression', names=Non
         classes = np.unique(yv)
         if len(classes) == 2:
             for c in conts:
-                auc = _auc(_filled(xs[c], xs[c].iloc[fit])[held], yv[held] == classes[1])
+                auc = rank_auc(_filled(xs[c], xs[c].iloc[fit])[held], yv[held] == classes[1])
                 if math.isfinite(auc) and max(auc, 1 - auc) >= th['leak_auc']:
                     found.append(_leak_finding([c], None, f"{names.get(c, c)} alone separates the two classes on held-out "
                                                f"training rows with ROC AUC {max(auc, 1 - auc):.4f}.", names))
@@ -344,7 +344,7 @@ def classification_scores(truth, pred, classes, proba=None):
     out = dict(accuracy=float((truth == pred).mean()), balanced_accuracy=float(np.nanmean(recall[support > 0])),
                per_class=per_class, confusion=confusion)
     if len(classes) == 2 and proba is not None:
-        out['roc_auc'] = _auc(np.asarray(proba)[:, 1], truth == classes[1])
+        out['roc_auc'] = rank_auc(np.asarray(proba)[:, 1], truth == classes[1])
     return out
 
 

@@ -455,3 +455,20 @@ def test_stale_bn_without_bn_callbacks_and_causes_first():
     if len(w): assert 'stale BN statistics explain it' in w['evidence'].iloc[0] or w['severity'].iloc[0] == 'warn'
     healthy_learn, g = healthy('flights/adam')
     assert not (g['advice'].str.contains('momentum from 0.1')).any()   # never advise the value in use
+
+
+@pytest.mark.slow
+def test_a_model_that_ranks_well_is_not_called_no_better_than_a_constant():
+    "AER HMDA (12% denials) at the valley lr: the cross-entropy is worse than the class frequencies', the ranking is not."
+    import diagnose_suite as suite   # tests/ is on the path: the evaluation suite's data and learner
+    from fastai_l5.audit import rank_auc
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try: learn, found, _ = suite.run('hmda', 0, 'healthy')
+    finally: torch.set_num_threads(threads)
+    row = found[found.kind == 'worse_than_baseline'].iloc[0]
+    valid, base = map(float, re.search(r'validation loss ([0-9.]+) is no better than the ([0-9.]+)', row.evidence).groups())
+    assert valid >= THRESHOLDS['baseline'] * base                  # the loss alone would have made it a warning
+    assert row.severity == 'info' and 'ROC AUC' in row.evidence
+    auc = float(re.search(r'ROC AUC ([0-9.]+)', row.evidence).group(1))
+    preds, targs = learn.get_preds()                              # every validation row (480 < the sandbox's 2048)
+    assert abs(rank_auc(preds[:, 1].numpy(), targs.numpy().reshape(-1) == 1) - auc) < 1e-3 and auc > 0.6
