@@ -171,12 +171,18 @@ def attach_sinks(cb):
 if attach_sinks not in LOGGER_HOOKS: LOGGER_HOOKS.append(attach_sinks)
 
 
-def _plain(v):
-    "`v` as W&B's config can store it: numbers, strings, lists and dicts as they are; any other object by its name."
+def _plain(v, depth=0):
+    """`v` rebuilt as W&B's config can store it, leaving `v` itself untouched: numbers and strings as they are; lists
+    and dicts as new ones; an object as a dict of its `__init__` arguments (fastcore's `init_args`) with its name
+    under `_name`, or by its name alone (a function, a model past `depth` 6)."""
+    from fastcore.basics import init_args
     if v is None or isinstance(v, (bool, int, float, str)): return v
-    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
-    if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
-    return getattr(v, '__name__', None) or type(v).__name__
+    if isinstance(v, (list, tuple)): return [_plain(x, depth + 1) for x in v]
+    if isinstance(v, dict): return {str(k): _plain(x, depth + 1) for k, x in v.items()}
+    name = getattr(v, '__name__', None) or type(v).__name__
+    try: args = init_args(v) if depth < 6 else None
+    except (TypeError, ValueError): args = None
+    return {**{str(k): _plain(a, depth + 1) for k, a in args.items()}, '_name': name} if args else name
 
 
 def fix_wandb_config():
@@ -184,14 +190,15 @@ def fix_wandb_config():
     `TypeError: vars() argument must have __dict__ attribute` while formatting the run's config, for any learner,
     because its `_format_config_value` asks every value (ints, strings, ...) for its `__init__` arguments; and the
     config it builds keeps objects (the model, the loss function) that W&B cannot store, so it prints "WandbCallback
-    could not log config parameters" and logs none. Call this once before fitting with `WandbCallback`: values without
-    such arguments are logged as they are, and objects by their name (`TabularModel`, `FlattenedLoss`). Changes
-    nothing else, and nothing twice."""
+    could not log config parameters" and logs none. Call this once before fitting with `WandbCallback`: each entry of
+    the config is rebuilt from plain values (objects by their name and `__init__` arguments), in new containers, so
+    the callbacks' own attributes that fastai's config holds (a `ParamScheduler`'s `scheds`) are never changed.
+    Changes nothing else, and nothing twice."""
     import fastai.callback.wandb as fw
-    if getattr(fw._format_config_value, 'fixed_by_fastai_l5', False): return
-    original = fw._format_config_value
-    def _format_config_value(v):
-        try: return _plain(original(v))
-        except TypeError: return _plain(v)
-    _format_config_value.fixed_by_fastai_l5 = True
-    fw._format_config_value = _format_config_value
+    if getattr(fw._format_config, 'fixed_by_fastai_l5', False): return
+    def _format_config(config):
+        "Replace each entry of `config` (fastai reads it back in place) by its plain copy."
+        for k, v in config.items(): config[k] = _plain(v)
+        return config
+    _format_config.fixed_by_fastai_l5 = True
+    fw._format_config = _format_config

@@ -152,3 +152,18 @@ def test_precise_bn_callback_gaps_reach_tensorboard(dls, tmp_path):
             events = acc.Scalars(f'bn_precise/{stat}/{layer}')
             assert [e.step for e in events] == g.epoch.tolist()
             np.testing.assert_allclose([e.value for e in events], g[stat].to_numpy(), rtol=1e-6)
+
+
+def test_fix_wandb_config_leaves_the_callbacks_config_untouched(dls):
+    "The config W&B gets is plain values; the objects it came from (a ParamScheduler's schedules) are not changed."
+    import fastai.callback.wandb as fw
+    from fastai.callback.schedule import ParamScheduler, SchedCos
+    fix_wandb_config()
+    learn = make_learn(dls, cbs=ParamScheduler({'lr': SchedCos(1e-3, 1e-4)}))
+    sched = learn.param_scheduler.scheds['lr']
+    config = learn.gather_args()
+    fw._format_config(config)
+    assert learn.param_scheduler.scheds['lr'] is sched and callable(sched)
+    assert isinstance(config['ParamScheduler']['scheds']['lr'], (str, dict))        # a plain copy, not the schedule
+    assert config['Learner']['model']['_name'] == 'TabularModel'
+    learn.fit(1)                                                   # the schedule still runs
