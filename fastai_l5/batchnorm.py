@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.tabular.core import FillMissing, Normalize
-from fastai.torch_core import rank_distrib
 from fastcore.foundation import L
 
 from .core import Log, StepCallback, check_arg, check_count, plot_per_layer, unwrap_model

@@ -4,7 +4,6 @@ The user's model, optimizer state, callbacks, Recorder, dropout p's and random s
 the copy is trained by a plain loop (no fastai event runs), on batches drawn once under `preserved_rng`."""
 from __future__ import annotations
 
-import contextlib
 from copy import deepcopy
 
 import numpy as np

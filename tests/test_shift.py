@@ -3,7 +3,6 @@ the test that fired and the levels that moved, unseen levels are listed, and the
 import functools
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from fastai.tabular.all import tabular_learner

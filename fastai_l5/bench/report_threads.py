@@ -67,7 +67,7 @@ def bench_report_threads(df=None, target=None, threads=(1, None), loads=(0, None
         for n in threads:
             n_threads = cpus if n is None else int(n)
             for r in range(repeats):
-                with tempfile.TemporaryDirectory() as d, cpu_load(n_load), contextlib.redirect_stdout(io.StringIO()) as log:
+                with tempfile.TemporaryDirectory() as d, cpu_load(n_load), contextlib.redirect_stdout(io.StringIO()):
                     start = time.perf_counter()
                     learn, _ = train_report(tabular_recipe(df, target, epochs=epochs), out=Path(d) / 'rep',
                                             progress=False, threads=n_threads, seed=seed)
