@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from fastai.tabular.core import Categorify
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
@@ -23,8 +24,9 @@ CHI2_MAX_ROWS, JS_MIN = 1000, 0.1
 
 
 def _categorify(learn):
+    "The learner's `Categorify` proc (found by type, as the callbacks are), or None."
     procs = getattr(learn.dls, 'procs', None) or []
-    return next((p for p in procs if type(p).__name__ == 'Categorify'), None)
+    return next((p for p in procs if isinstance(p, Categorify)), None)
 
 
 def _train_codes(learn, cats):
