@@ -632,11 +632,11 @@ def plot_finding(learn, finding, new_df=None, thresholds=None):
         ax.axhline(th['dead_rel'] * float(gmax[gmax > 0].median()), ls='--', c='r', label='threshold')
         ax.set_yscale('log'); ax.set_xlabel('step')
     elif kind == 'data_shift' and new_df is not None:
-        from .batchnorm import bn_shift
-        shift = bn_shift(learn, new_df)
-        fig, ax = _axes('data_shift: |z| per feature')
-        ax.bar(shift['feature'], shift['z'].abs(), color=['r' if s else 'C0' for s in shift['shifted']])
-        ax.axhline(3., ls='--', c='r', label='bn_shift threshold'); ax.set_yscale('log')
+        from .shift import shift_table
+        shift = shift_table(learn, new_df)  # the table the finding came from: same features, same verdicts
+        fig, ax = _axes('data_shift: |z| (continuous) or -log10 p (categorical) per feature')
+        ax.bar(shift['feature'], shift['stat'], color=['r' if s else 'C0' for s in shift['shifted']],
+               label='red: shifted under one rule over all the tests'); ax.set_yscale('log')
         ax.tick_params(axis='x', rotation=45)
     else: return None
     ax.legend(fontsize='x-small', ncols=2)

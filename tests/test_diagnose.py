@@ -284,6 +284,12 @@ def test_evidence_data_shift_names_the_feature():
     assert close(new_mean, moved['carat'].mean())
     from fastai_l5.batchnorm import bn_shift
     assert close(train_mean, bn_shift(learn, moved).set_index('feature').loc['carat', 'train_mean'])
+    # its picture draws the finding's own table: one bar per feature, categorical ones too, red where shifted
+    fig = plot_finding(learn, hits.iloc[0], moved)
+    bars = fig.axes[0].patches
+    assert len(bars) == len(learn.dls.cont_names) + len(learn.dls.cat_names)
+    red = [p.get_facecolor()[:3] == (1., 0., 0.) for p in bars]
+    assert sum(red) == 1 and red[list(learn.dls.cont_names).index('carat')]
 
 
 def test_evidence_batch_size():
