@@ -5,9 +5,11 @@ the copy is trained by a plain loop (no fastai event runs), on batches drawn onc
 from __future__ import annotations
 
 from copy import deepcopy
+from itertools import cycle, islice
 
 import numpy as np
 import torch
+from fastai.callback.schedule import combined_cos
 
 from .core import unwrap_model
 from .dropout import dropout_layers
@@ -68,25 +70,47 @@ class Sandbox:
             tot = sum(float(self.learn.loss_func(model(*x), *y)) * len(y[0]) for x, y in self.valid)
         return tot / sum(len(y[0]) for _, y in self.valid)
 
-    def continued(self, lr=None, ps=None, steps=None):
-        """The score after `steps` (default all the sandbox's) training steps of a copy at `lr` (default the
-        optimizer's last), with every dropout module's p set to `ps` (a float, a dict name -> p, or None: as it is).
-        The copy's optimizer carries on from the user's state (moments, step counts); BN updates its running
-        statistics as in training. Runs with the random states put back afterwards."""
+    def trained(self, lr=None, ps=None, steps=None, loss_func=None, one_cycle=False):
+        """A copy trained `steps` (default all the sandbox's; more go round its batches again) steps at `lr` (default
+        the optimizer's last) on `loss_func` (default the learner's), with every dropout module's p set to `ps` (a
+        float, a dict name -> p, or None: as it is); None when the learner has no optimizer, or the loss stopped
+        being finite. `one_cycle`: the lr follows fastai's one-cycle shape over the steps (cosine from lr/25 up to
+        lr in the first quarter, then down to lr/1e5), so each arm ends annealed and is compared where it settles,
+        not at the peak's noise. The copy's optimizer carries on from the user's state (moments, step counts); BN
+        updates its running statistics as in training. Runs with the random states put back afterwards."""
         model, opt = self.copy()
-        if opt is None: return float('nan')
+        if opt is None: return None
         if ps is not None:
             for name, m in dropout_layers(model).items():
                 p = ps.get(name) if isinstance(ps, dict) else ps
                 if p is not None: m.p = float(p)
         if lr is not None: opt.set_hyper('lr', lr)
+        loss_func = loss_func or self.learn.loss_func
+        steps = len(self.train) if steps is None else steps
+        lr = float(opt.hypers[-1]['lr']) if lr is None else lr
+        sched = combined_cos(0.25, lr / 25, lr, lr / 1e5) if one_cycle else None
         with preserved_rng(self.learn.dls.train), torch.enable_grad():
             model.train()
-            for x, y in self.train[:steps]:
-                loss = self.learn.loss_func(model(*x), *y)
-                if not torch.isfinite(loss): return float('inf')
+            for i, (x, y) in enumerate(islice(cycle(self.train), steps)):
+                if sched is not None: opt.set_hyper('lr', float(sched(i / steps)))
+                loss = loss_func(model(*x), *y)
+                if not torch.isfinite(loss): return None
                 loss.backward(); opt.step(); opt.zero_grad()
-        return self.score(model)
+        return model
+
+    def continued(self, lr=None, ps=None, steps=None, one_cycle=False):
+        "The score of `trained(lr, ps, steps, one_cycle=one_cycle)`: NaN without an optimizer, inf when the loss stopped being finite."
+        if getattr(self.learn, 'opt', None) is None or not self.train: return float('nan')
+        model = self.trained(lr, ps, steps, one_cycle=one_cycle)
+        return float('inf') if model is None else self.score(model)
+
+    @torch.no_grad()
+    def classes(self, model):
+        "`(predicted, true)` class indices of the sandbox's validation rows under `model` (eval mode), as numpy arrays."
+        with module_modes(model):
+            model.eval()
+            pred = torch.cat([model(*x).argmax(-1).view(-1) for x, _ in self.valid])
+        return pred.cpu().numpy(), torch.cat([y[0].view(-1) for _, y in self.valid]).cpu().numpy()
 
     def population(self, n_batches=16):
         """The score of a copy whose BN running statistics are replaced by the population statistics over the
@@ -99,6 +123,12 @@ class Sandbox:
             mean_p, var_p = pooled_stats(unwrap_model(model), mods, [x for x, _ in self.train[:n_batches]])
         with torch.no_grad(): set_flat_stats(mods, mean_p, var_p)
         return self.score(model)
+
+
+def peak_lr(learn):
+    "The highest lr of the last fit's schedule (fastai's Recorder), else the optimizer's lr."
+    lrs = [float(v) for v in learn.recorder.lrs]
+    return max(lrs) if lrs else float(learn.opt.hypers[-1]['lr'])
 
 
 def effect_text(before, after, what='valid loss'):

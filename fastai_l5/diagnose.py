@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from .audit import audit_findings, rank_auc
 from .batchnorm import BNDrift
 from .core import find_cb, unwrap_model
-from .counterfactual import Sandbox, effect_text
+from .counterfactual import Sandbox, effect_text, peak_lr
 from .dropout import DROPOUT_TYPES, DropoutSchedule, dropout_layers
 from .momentum import MomentumLogger
 from .precise import BN_TYPES, batch_to_device, bn_layers, model_device, module_modes, preserved_rng, split_batch
@@ -51,10 +51,12 @@ THRESHOLDS = dict(
     # momentum 0.01-0.03 on 1-2 epoch fits that cost >= 1.1x: 12-51%).
     bn_gain=0.1, pop_batches=16,
     # dropout_too_strong, measured: some layer's p >= `high_p` (the p of the modules, or the last epoch's logged by
-    # DropoutSchedule); `drop_steps` steps on a copy at the peak lr with every dropout at `advised_p` against the same
-    # steps at the current p's: a warning when the validation loss is >= `drop_gain` lower (p 0.5-0.7 that cost
-    # >= 1.2x: 1-11% over 32 steps; p 0.1 -> 0 on healthy runs: -4%..+0.5%; p 0.7 on 70% permuted labels, no harm: 3%).
-    high_p=0.5, advised_p=0.1, drop_gain=0.01, drop_steps=32,
+    # DropoutSchedule); `drop_steps` steps on a copy with every dropout at `advised_p` against the same steps at the
+    # current p's, both on a one-cycle schedule peaking at the fit's peak lr (each arm ends annealed): a warning when
+    # the validation loss is >= `drop_gain` lower. On tests/diagnose_suite.py: p 0.5-0.7 that cost >= 1.1x, 4-25%
+    # (17-18 of 20 above 6%); the 4 runs it did not hurt (noisy labels), 1-5.7%. 32 steps at a constant peak lr were
+    # too noisy to separate them (1-18% against 1-5%).
+    high_p=0.5, advised_p=0.1, drop_gain=0.06, drop_steps=64,
     # dead_layer: the largest gradient norm a layer got in the last epoch <= `dead_rel` x the median layer's
     # (healthy layers sit within 3 orders of each other; a layer no gradient reaches has exactly 0).
     dead_rel=1e-6,
@@ -97,11 +99,6 @@ def _last_epoch(df):
 def _fit_epochs(learn): return max(len(learn.recorder.values), 1)
 
 
-def _peak_lr(learn):
-    lrs = [float(v) for v in learn.recorder.lrs]
-    return max(lrs) if lrs else float(learn.opt.hypers[-1]['lr'])
-
-
 def _train_losses(learn):
     return np.array([float(v) for v in learn.recorder.losses])
 
@@ -122,7 +119,7 @@ def _fmt(v): return f'{v:.3g}'
 
 def _lr_too_high(learn, mom, th, too_low=False):
     losses = _train_losses(learn)
-    lr, n = _peak_lr(learn), _fit_epochs(learn)
+    lr, n = peak_lr(learn), _fit_epochs(learn)
     advice = (f"lower the learning rate tenfold, e.g. `learn.fit_one_cycle({n}, {_fmt(lr / 10)})`, "
               "or pick one with `learn.lr_find()`")
     valid = _epoch_value(learn, 'valid_loss')
@@ -169,7 +166,7 @@ def _lr_too_low(learn, mom, th, box):
     peak lr. The better of the two is the advice."""
     ratio = _update_ratio(mom, th) if mom is not None else float('nan')
     if mom is not None and not ratio < th['low_ratio']: return None
-    lr, n = _peak_lr(learn), _fit_epochs(learn)
+    lr, n = peak_lr(learn), _fit_epochs(learn)
     steps = min(th['cf_steps'], len(box.train))
     at_lr = box.continued(lr=lr, steps=steps)
     tried = {f: box.continued(lr=lr * f, steps=steps) for f in (10, 100, 1000)}
@@ -226,19 +223,20 @@ def _dropout_ps(learn, ddf):
 
 
 def _dropout_too_strong(learn, ddf, th, box):
-    """A candidate when some layer's p >= `high_p`; measured: `drop_steps` steps on a copy at the peak lr with every
-    dropout at most `advised_p`, against the same steps with the p's as they are. Names every strong layer."""
+    """A candidate when some layer's p >= `high_p`; measured: `drop_steps` steps on a copy (one cycle up to the peak
+    lr) with every dropout at most `advised_p`, against the same steps with the p's as they are. Names every strong
+    layer."""
     ps = _dropout_ps(learn, ddf)
     strong = {k: p for k, p in ps.items() if p >= th['high_p']}
     if not strong: return None
-    lr, steps, adv = _peak_lr(learn), min(th['drop_steps'], len(box.train)), th['advised_p']
-    as_is = box.continued(lr=lr, ps=ps, steps=steps)
-    lower = box.continued(lr=lr, ps={k: min(p, adv) for k, p in ps.items()}, steps=steps)
+    lr, steps, adv = peak_lr(learn), th['drop_steps'], th['advised_p']
+    as_is = box.continued(lr=lr, ps=ps, steps=steps, one_cycle=True)
+    lower = box.continued(lr=lr, ps={k: min(p, adv) for k, p in ps.items()}, steps=steps, one_cycle=True)
     if not (math.isfinite(as_is) and math.isfinite(lower)): return None
     gain = 1 - lower / as_is
     where = ', '.join(strong)
     ev = (f"{where} dropped with p {', '.join(f'{p:.2f}' for p in strong.values())}; {steps} more steps on a copy "
-          f"at the peak lr {_fmt(lr)} give a validation loss of {_fmt(lower)} with p={adv} against {_fmt(as_is)} "
+          f"(one cycle up to the peak lr {_fmt(lr)}) give a validation loss of {_fmt(lower)} with p={adv} against {_fmt(as_is)} "
           f"with the p's as they are ({100 * gain:.1f}% lower")
     eff = effect_text(as_is, lower)
     if gain < th['drop_gain']:
@@ -500,7 +498,8 @@ def diagnose(learn, new_df=None, thresholds=None):
                          "first, and call diagnose before learn.validate()/get_preds() (they reset it)")
     if new_df is not None and not isinstance(new_df, pd.DataFrame):
         raise ValueError(f"new_df must be a pandas DataFrame of new rows, got {type(new_df).__name__}")
-    box = Sandbox(learn, k=max(th['cf_steps'], th['drop_steps'], th['pop_batches'], th['noise_pairs']))
+    # training batches drawn once for every counterfactual; longer ones (dropout's) go round them again
+    box = Sandbox(learn, k=max(th['cf_steps'], th['pop_batches'], th['noise_pairs'], 32))
     rows = []
     mom = _cb_df(learn, MomentumLogger)
     mom = _last_epoch(mom) if mom is not None else None
@@ -525,7 +524,7 @@ def diagnose(learn, new_df=None, thresholds=None):
     if new_df is not None: rows += _data_shift(learn, new_df)
     rows.append(_worse_than_baseline(learn, th, stale, pop, box))
     if not diverged: rows.append(_batch_size(learn, th, box))
-    rows += audit_findings(learn)  # issue 23: target_leak, worse_than_linear, class_imbalance, small_validation
+    rows += audit_findings(learn, box=box)  # issue 23: target_leak, worse_than_linear, class_imbalance, small_validation
     rows = [r for r in rows if r is not None]
     if not any(r['severity'] == 'warn' for r in rows):
         valid = _epoch_value(learn, 'valid_loss')

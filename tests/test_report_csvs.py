@@ -175,6 +175,7 @@ def test_class_weights_find_the_defaulters(tmp_path, capsys):
     findings = read_findings(folder)
     imbalance = findings.query("kind == 'class_imbalance'")
     assert imbalance['where'].tolist() == ['Yes'] and '--class-weights' in imbalance['advice'].iloc[0]
+    assert imbalance['severity'].tolist() == ['warn'] and imbalance['effect'].iloc[0].startswith('balanced accuracy')
     plain = json.loads((folder / 'summary.json').read_text())
     recall = lambda f: (lambda p: ((p.target == 'Yes') & (p.prediction == 'Yes')).sum() / (p.target == 'Yes').sum())(
         pd.read_csv(f / 'predictions.csv'))
