@@ -2,9 +2,10 @@
 healthy fits, and subtle faults whose cost is measured against the same run without the fault (same data, seed and
 loaders). Run from the repository root, at one thread:
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python tests/diagnose_suite.py [--quick] [--out suite.csv]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python tests/diagnose_suite.py [--quick] [--holdout] [--out suite.csv]
 
-It prints one row per run and the table of the issue's targets: per kind, detection rate on the runs the fault hurt,
+`--holdout` runs the same kinds on three data sets no threshold was read from (Ecdat Wages, Ecdat Computers, AER
+SmokeBan; a 70%-permuted Wages for dropout that cannot help). It prints one row per run and the table of the issue's targets: per kind, detection rate on the runs the fault hurt,
 false alarms, the measured effects, and diagnose's cost as a share of the fit's time."""
 from __future__ import annotations
 
@@ -62,15 +63,47 @@ def _cps_noisy():
     return df, spec
 
 
+def _wages():
+    df = _read('Ecdat', 'Wages')
+    df['lwage'] = df['lwage'].astype('float32')
+    return df, dict(cat_names=['bluecol', 'south', 'smsa', 'married', 'sex', 'union', 'black', 'ind'],
+                    cont_names=['exp', 'wks', 'ed'], y_names='lwage', y_block=RegressionBlock())
+
+
+def _computers():
+    df = _read('Ecdat', 'Computers')
+    df['log_price'] = np.log(df.pop('price')).astype('float32')
+    return df, dict(cat_names=['cd', 'multi', 'premium', 'screen', 'ram'], cont_names=['speed', 'hd', 'ads', 'trend'],
+                    y_names='log_price', y_block=RegressionBlock())
+
+
+def _smokeban():
+    df = _read('AER', 'SmokeBan')
+    return df, dict(cat_names=['ban', 'education', 'afam', 'hispanic', 'gender'], cont_names=['age'],
+                    y_names='smoker', y_block=CategoryBlock())
+
+
+def _wages_noisy():
+    "Ecdat Wages with 70% of the targets permuted (the holdout's counterpart of `cps_noisy`)."
+    df, spec = _wages()
+    rng = np.random.default_rng(0)
+    i = rng.choice(len(df), int(.7 * len(df)), replace=False)
+    df.loc[i, 'lwage'] = rng.permutation(df.loc[i, 'lwage'].to_numpy())
+    return df, spec
+
+
 DATA = {'cps': _cps, 'wage': _wage, 'hmda': _hmda}
 EXTRA = {'cps_noisy': _cps_noisy}
+# `--holdout`: data sets no threshold was read from (Ecdat Wages, Ecdat Computers, AER SmokeBan), to check the rules
+HOLDOUT = {'wages': _wages, 'computers': _computers, 'smokeban': _smokeban}
+HOLDOUT_EXTRA = {'wages_noisy': _wages_noisy}
 _cache = {}
 
 
 def data(name, n_rows=2400):
     "(train+valid frame, spec, held-out rows) for `name`: `n_rows` sampled rows to fit on, the rest held out."
     if name not in _cache:
-        df, spec = {**DATA, **EXTRA}[name]()
+        df, spec = {**DATA, **EXTRA, **HOLDOUT, **HOLDOUT_EXTRA}[name]()
         df = df.sample(frac=1, random_state=0).reset_index(drop=True)
         n_rows = min(n_rows, int(.75 * len(df)))
         _cache[name] = df.iloc[:n_rows].reset_index(drop=True), spec, df.iloc[n_rows:].reset_index(drop=True)
@@ -145,8 +178,8 @@ def _effect(f, kind):
     return e.iloc[0] if len(e) else ''
 
 
-def suite(seeds=(0, 1, 2, 3, 4, 5), quick=False):
-    names = list(DATA)
+def suite(seeds=(0, 1, 2, 3, 4, 5), quick=False, holdout=False):
+    names, extra = (list(HOLDOUT), list(HOLDOUT_EXTRA)) if holdout else (list(DATA), list(EXTRA))
     if quick: seeds = seeds[:2]
     recs, refs = [], {}
     for name in names:
@@ -167,7 +200,7 @@ def suite(seeds=(0, 1, 2, 3, 4, 5), quick=False):
             _, f, r = run(name, seed, 'stale_bn_stats', epochs=ep, bn_mom=mom)
             recs.append({**r, 'fault': f'bn_mom={mom}', 'hurt': r['valid'] / ref['valid'],
                          'named': _hit(f, 'stale_bn_stats'), 'effect': _effect(f, 'stale_bn_stats'), 'extra': r['warns']})
-    for name in names + list(EXTRA):
+    for name in names + extra:
         for seed, p in zip(seeds, [0.5, 0.7, 0.6, 0.5, 0.7, 0.6]):
             _, _, ref = run(name, seed, 'dropout_ref', p=0.)
             _, f, r = run(name, seed, 'dropout_too_strong', p=p)
@@ -243,10 +276,11 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--out', default=None)
+    ap.add_argument('--holdout', action='store_true', help='run on the data sets no threshold was read from')
     args = ap.parse_args()
     torch.set_num_threads(1)
     t = time.perf_counter()
-    runs = suite(quick=args.quick)
+    runs = suite(quick=args.quick, holdout=args.holdout)
     pd.set_option('display.width', 250); pd.set_option('display.max_colwidth', 90); pd.set_option('display.max_rows', 500)
     print(runs.drop(columns=[c for c in ('fit_s',) if c in runs]).to_string())
     print(table(runs).to_string())
