@@ -54,13 +54,16 @@ def _hmda():
                     y_block=CategoryBlock())
 
 
-def _cps_noisy():
-    "CPS1988 with 70% of the targets permuted: little signal left, so no generalisation gap for dropout to close."
-    df, spec = _cps()
+def _permuted(make, share=0.7):
+    "`make()`'s data with `share` of the targets permuted: little signal left, so no generalisation gap for dropout to close."
+    df, spec = make()
     rng = np.random.default_rng(0)
-    i = rng.choice(len(df), int(.7 * len(df)), replace=False)
-    df.loc[i, 'log_wage'] = rng.permutation(df.loc[i, 'log_wage'].to_numpy())
+    i = rng.choice(len(df), int(share * len(df)), replace=False)
+    df.loc[i, spec['y_names']] = rng.permutation(df.loc[i, spec['y_names']].to_numpy())
     return df, spec
+
+
+def _cps_noisy(): return _permuted(_cps)
 
 
 def _wages():
@@ -83,13 +86,7 @@ def _smokeban():
                     y_names='smoker', y_block=CategoryBlock())
 
 
-def _wages_noisy():
-    "Ecdat Wages with 70% of the targets permuted (the holdout's counterpart of `cps_noisy`)."
-    df, spec = _wages()
-    rng = np.random.default_rng(0)
-    i = rng.choice(len(df), int(.7 * len(df)), replace=False)
-    df.loc[i, 'lwage'] = rng.permutation(df.loc[i, 'lwage'].to_numpy())
-    return df, spec
+def _wages_noisy(): return _permuted(_wages)
 
 
 DATA = {'cps': _cps, 'wage': _wage, 'hmda': _hmda}
