@@ -11,4 +11,5 @@ from .distributed import *
 from .diagnose import *
 from .shift import *
 from .audit import *
+from .wide import *
 from .loggers import *

