@@ -27,6 +27,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (patches `Learner.no_bar`)
+from fastai.losses import CrossEntropyLossFlat
+
+from .counterfactual import Sandbox, peak_lr
 
 __all__ = ['AUDIT_THRESHOLDS', 'target_leak', 'design_matrix', 'linear_baseline', 'classification_scores', 'value_ci',
            'paired_diff_ci', 'balanced_class_weights', 'audit', 'audit_findings']
@@ -366,7 +369,7 @@ def value_ci(truth, pred, metric='rmse', n_boot=2000, level=0.95, seed=0):
     """A `level` percentile bootstrap interval `[lo, hi]` of the validation `metric` ('rmse' or 'accuracy'):
     the metric recomputed on `n_boot` resamples (with replacement) of the validation rows."""
     truth, pred = np.asarray(truth), np.asarray(pred)
-    fn, n = _metric_fn(metric), len(truth)
+    n = len(truth)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     if metric == 'rmse':
         sq = (pred.astype(float) - truth.astype(float)) ** 2
@@ -504,8 +507,6 @@ def _balanced(pred, truth, n_classes):
 def _class_weight_effect(learn, a, box, th):
     """Balanced accuracy and accuracy on `box`'s validation rows before and after `imb_steps` steps of a copy at the
     peak lr on the cross-entropy weighted by inverse class frequency: `((bal, acc), (bal, acc))`, or None."""
-    from fastai.losses import CrossEntropyLossFlat
-    from .counterfactual import peak_lr
     classes = [str(c) for c in learn.dls.vocab]  # the order of the model's outputs
     counts = a['train_counts']
     weights = balanced_class_weights(np.repeat(list(counts), list(counts.values())), classes)
@@ -538,7 +539,6 @@ def _class_imbalance(learn, a, th, box):
                         "inverse class frequency.", "the classes overlap on these inputs: more informative columns "
                         "or more rows of the rare class")
     if box is None and getattr(learn, 'opt', None) is not None:
-        from .counterfactual import Sandbox
         box = Sandbox(learn, k=th['imb_steps'])
     measured = _class_weight_effect(learn, a, box, th) if box is not None else None
     if measured is None: return _finding('class_imbalance', 'warn', str(worst['class']), ev + '.', advice)
