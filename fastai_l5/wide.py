@@ -7,16 +7,18 @@ batch-norm modules) whose output has a linear part added:
 
 one scalar weight per level of each categorical column and class of the target (`lin_embeds[i]`, an
 `nn.Embedding(n_levels, n_out)`: a linear model on the one-hot columns), a weight per processed continuous column
-(`lin_cont`, on the `Normalize`d values, not on `bn_cont`'s output) and a bias `lin_bias`; `mlp` is the
+(`lin_cont`, on the values fastai's `Normalize` gives, not on `bn_cont`'s output) and a bias `lin_bias`; `mlp` is the
 `TabularModel`, with no `SigmoidRange` (a `y_range` would squeeze the linear part too).
 
 `init_from_linear(model, dls)` fits the linear part in closed form on the processed training inputs and zeroes the
 MLP's final `Linear`, so the model starts exactly at the linear fit and the MLP can only learn the residual:
+
 - regression: ridge regression of the training-scale target on the one-hot categoricals and the continuous
   columns (`audit._ridge_path`: penalty alpha·n·‖w‖², intercept free), alpha from `SKIP_ALPHAS` by the rmse on an
   inner 80/20 split of the training rows (`audit._inner_split`), then refitted on all training rows;
 - classification: L2 logistic regression (`audit._fit_logistic`, per-class weights if the loss has them), alpha
   from `LOGISTIC_ALPHAS` by the held-out cross-entropy of the same inner split; its logits start the output.
+
 No validation row is read. Both parts are then trained together (a frozen linear part measured no better: see
 `report.SKIP_MAX_ROWS`). `ridge_log_or_not` tells whether ridge on the same inputs predicts a positive target better
 fitted on log(y) or on y (`report.skip_target_scale` uses it to choose the training scale)."""
@@ -66,8 +68,8 @@ class WideTabularModel(TabularModel):
 
 
 def processed_design(cats, conts, n_levels):
-    """The linear model's inputs from fastai's processed columns: each categorical code (0 .. `n_levels[i]`-1)
-    one-hot, then the continuous columns as they are (already `Normalize`d). float64 array."""
+    """The linear model's inputs from fastai's processed columns: each categorical code (0 to `n_levels[i] - 1`)
+    one-hot, then the continuous columns as they are (already through fastai's `Normalize`). float64 array."""
     cats, conts = np.asarray(cats, dtype=np.int64), np.asarray(conts, dtype=np.float64)
     blocks = []
     for i, n in enumerate(n_levels):
