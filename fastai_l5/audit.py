@@ -286,6 +286,40 @@ def _softmax(z):
     return e / e.sum(1, keepdims=True)
 
 
+ORIGINAL, LOG = ('original', lambda v: v, lambda v: v), ('log', np.log, np.exp)  # (name, encode, decode)
+
+
+def _ridge_held_out(X, y, alphas, scales=(ORIGINAL,), seed=0):
+    """Ridge fitted on the inner split's fit rows of `X`, `y`, for each scale (`(name, encode, decode)`: fitted on
+    encode(y)) and alpha: `(held-out rmse on the scale of y, scale, alpha)`, scales then alphas in order."""
+    fit, held = _inner_split(len(X), seed, 0.2)
+    out = []
+    for scale in scales:
+        _, enc, dec = scale
+        with np.errstate(over='ignore', invalid='ignore'):
+            for a, (b0, w) in zip(alphas, _ridge_path(X[fit], enc(y[fit]), alphas)):
+                out.append((float(np.sqrt(np.mean((dec(X[held] @ w + b0) - y[held]) ** 2))), scale, a))
+    return out
+
+
+def _logistic_held_out(X, t, n_classes, alphas, weight=None, seed=0):
+    """L2 logistic regression fitted on the inner split's fit rows of `X`, class indices `t`, for each alpha:
+    `(held-out cross-entropy, alpha)` in order."""
+    fit, held = _inner_split(len(X), seed, 0.2)
+    out = []
+    for a in alphas:
+        W, b = _fit_logistic(X[fit], t[fit], n_classes, a, weight=weight)
+        p = _softmax(X[held].astype(np.float64) @ W + b)
+        out.append((float(-np.log(np.clip(p[np.arange(len(held)), t[held]], 1e-12, None)).mean()), a))
+    return out
+
+
+def _best(scored):
+    "The first of the `(score, ...)` tuples with the lowest finite score; None when no score is finite."
+    finite = [s for s in scored if np.isfinite(s[0])]
+    return min(finite, key=lambda s: s[0]) if finite else None
+
+
 def linear_baseline(train, valid, target, cat_names=(), cont_names=(), task='regression', y_train=None, y_valid=None,
                     log_too=False, classes=None, class_weights=None, max_levels=50, seed=0):
     """The linear model a network should beat, on the same inputs and split (see the module docstring): ridge
@@ -299,17 +333,10 @@ def linear_baseline(train, valid, target, cat_names=(), cont_names=(), task='reg
     y_tr = np.asarray(train[target] if y_train is None else y_train)
     y_va = np.asarray(valid[target] if y_valid is None else y_valid)
     X_tr, (X_va,), feats = design_matrix(train, [valid], cat_names, cont_names, max_levels)
-    fit, held = _inner_split(len(X_tr), seed, 0.2)
     if task == 'regression':
         y_tr, y_va = y_tr.astype(float), y_va.astype(float)
-        scales = [('original', lambda v: v, lambda v: v)]
-        if log_too and (y_tr > 0).all(): scales.append(('log', np.log, np.exp))
-        best = None
-        for scale, enc, dec in scales:
-            for a, (b0, w) in zip(RIDGE_ALPHAS, _ridge_path(X_tr[fit], enc(y_tr[fit]), RIDGE_ALPHAS)):
-                err = float(np.sqrt(np.mean((dec(X_tr[held] @ w + b0) - y_tr[held]) ** 2)))
-                if np.isfinite(err) and (best is None or err < best[0]): best = (err, scale, a, enc, dec)
-        _, scale, a, enc, dec = best
+        scales = [ORIGINAL] + ([LOG] if log_too and (y_tr > 0).all() else [])
+        _, (scale, enc, dec), a = _best(_ridge_held_out(X_tr, y_tr, RIDGE_ALPHAS, scales, seed))
         (b0, w), = _ridge_path(X_tr, enc(y_tr), [a])
         pred = dec(X_va.astype(np.float64) @ w + b0)
         value = float(np.sqrt(np.mean((pred - y_va) ** 2)))
@@ -319,13 +346,7 @@ def linear_baseline(train, valid, target, cat_names=(), cont_names=(), task='reg
     classes = list(classes) if classes is not None else sorted(pd.unique(np.r_[y_tr.astype(str), y_va.astype(str)]))
     index = {c: i for i, c in enumerate(classes)}
     t_tr = np.array([index[str(v)] for v in y_tr])
-    best = None
-    for a in LOGISTIC_ALPHAS:
-        W, b = _fit_logistic(X_tr[fit], t_tr[fit], len(classes), a, weight=class_weights)
-        p = _softmax(X_tr[held].astype(np.float64) @ W + b)
-        loss = float(-np.log(np.clip(p[np.arange(len(held)), t_tr[held]], 1e-12, None)).mean())
-        if best is None or loss < best[0]: best = (loss, a)
-    a = best[1]
+    _, a = _best(_logistic_held_out(X_tr, t_tr, len(classes), LOGISTIC_ALPHAS, class_weights, seed))
     W, b = _fit_logistic(X_tr, t_tr, len(classes), a, weight=class_weights)
     proba = _softmax(X_va.astype(np.float64) @ W + b)
     pred = np.asarray(classes)[proba.argmax(1)]

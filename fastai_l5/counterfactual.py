@@ -105,12 +105,17 @@ class Sandbox:
         return float('inf') if model is None else self.score(model)
 
     @torch.no_grad()
-    def classes(self, model):
-        "`(predicted, true)` class indices of the sandbox's validation rows under `model` (eval mode), as numpy arrays."
+    def outputs(self, model):
+        "`(outputs, targets)` of `model` (eval mode) on the sandbox's validation rows, as float tensors and a flat one."
         with module_modes(model):
             model.eval()
-            pred = torch.cat([model(*x).argmax(-1).view(-1) for x, _ in self.valid])
-        return pred.cpu().numpy(), torch.cat([y[0].view(-1) for _, y in self.valid]).cpu().numpy()
+            out = torch.cat([model(*x).float() for x, _ in self.valid])
+        return out, torch.cat([y[0].reshape(-1) for _, y in self.valid])
+
+    def classes(self, model):
+        "`(predicted, true)` class indices of the sandbox's validation rows under `model` (eval mode), as numpy arrays."
+        out, targ = self.outputs(model)
+        return out.argmax(-1).view(-1).cpu().numpy(), targ.cpu().numpy()
 
     def population(self, n_batches=16):
         """The score of a copy whose BN running statistics are replaced by the population statistics over the

@@ -20,7 +20,7 @@ from .core import find_cb, unwrap_model
 from .counterfactual import Sandbox, effect_text, peak_lr
 from .dropout import DROPOUT_TYPES, DropoutSchedule, dropout_layers
 from .momentum import MomentumLogger
-from .precise import BN_TYPES, batch_to_device, bn_layers, model_device, module_modes, preserved_rng, split_batch
+from .precise import BN_TYPES, batch_to_device, bn_layers, model_device, preserved_rng, split_batch
 
 __all__ = ['THRESHOLDS', 'diagnose', 'grad_noise_scale', 'baseline_loss', 'findings_lines', 'findings_html',
            'plot_finding', 'findings_section', 'actionable']
@@ -138,7 +138,8 @@ def _lr_too_high(learn, mom, th, too_low=False):
     first, lo, last = float(losses[0]), float(losses.min()), float(losses[-1])
     rose = f"the training loss rose to {_fmt(last)}, {_fmt(last / lo)}x its minimum {_fmt(lo)}"
     # a near-exact fit (a linear skip started at an exact ridge solution) can double a tiny loss: no cost to name
-    material = last >= th['rise_floor'] * baseline_loss(learn)[0]
+    base = baseline_loss(learn)[0]
+    material = last >= th['rise_floor'] * base
     if material and last >= th['rise'] * lo and last >= th['explode'] * first:
         return _finding('lr_too_high', 'warn', '', f"{rose} and {_fmt(last / first)}x its first value {_fmt(first)}: "
                         f"it exploded at a peak lr of {_fmt(lr)}.", advice)
@@ -149,7 +150,6 @@ def _lr_too_high(learn, mom, th, too_low=False):
                             f"epoch (mean cos_mom_grad {cos:.3f}, mean sign_flip {flip:.3f}) at a peak lr of {_fmt(lr)}.",
                             advice)
     if last < first or len(losses) < th['few_steps'] or valid is None: return None
-    base = baseline_loss(learn)[0]
     if valid < th['worse'] * base: return None
     return _finding('lr_too_high', 'warn', '', f"after {len(losses)} steps the training loss ended at {_fmt(last)}, above "
                     f"its first value {_fmt(first)}, and the validation loss {_fmt(valid)} is {_fmt(valid / base)}x a "
@@ -331,15 +331,12 @@ def baseline_loss(learn):
     return float(learn.loss_func(mean.expand_as(targ).clone(), targ)), None
 
 
-@torch.no_grad()
 def _valid_auc(learn, box):
     """With two classes: the model's ROC AUC on the sandbox's validation rows (eval mode, the second class's
     probability as the score) and how many standard errors under chance it sits above 0.5; else NaNs."""
     if box is None or int(learn.dls.c) != 2 or not box.valid: return float('nan'), float('nan')
-    with module_modes(learn.model):
-        learn.model.eval()
-        score = torch.cat([learn.model(*x).float().softmax(-1)[:, 1] for x, _ in box.valid]).cpu().numpy()
-    truth = torch.cat([y[0].reshape(-1) for _, y in box.valid]).cpu().numpy() == 1
+    out, targ = box.outputs(learn.model)
+    score, truth = out.softmax(-1)[:, 1].cpu().numpy(), targ.cpu().numpy() == 1
     n_pos, n_neg = int(truth.sum()), int((~truth).sum())
     if not n_pos or not n_neg: return float('nan'), float('nan')
     auc = rank_auc(score, truth)

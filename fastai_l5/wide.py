@@ -15,9 +15,11 @@ MLP's final `Linear`, so the model starts exactly at the linear fit and the MLP 
 
 - regression: ridge regression of the training-scale target on the one-hot categoricals and the continuous
   columns (`audit._ridge_path`: penalty alpha·n·‖w‖², intercept free), alpha from `SKIP_ALPHAS` by the rmse on an
-  inner 80/20 split of the training rows (`audit._inner_split`), then refitted on all training rows;
+  inner 80/20 split of the training rows (`audit._ridge_held_out`, as `linear_baseline` chooses its own), then
+  refitted on all training rows;
 - classification: L2 logistic regression (`audit._fit_logistic`, per-class weights if the loss has them), alpha
-  from `LOGISTIC_ALPHAS` by the held-out cross-entropy of the same inner split; its logits start the output.
+  from `LOGISTIC_ALPHAS` by the held-out cross-entropy of the same inner split (`audit._logistic_held_out`); its
+  logits start the output.
 
 No validation row is read. Both parts are then trained together (a frozen linear part measured no better: see
 `report.SKIP_MAX_ROWS`). `ridge_log_or_not` tells whether ridge on the same inputs predicts a positive target better
@@ -29,7 +31,7 @@ import torch
 from fastai.tabular.model import TabularModel
 from torch import nn
 
-from .audit import LOGISTIC_ALPHAS, _fit_logistic, _inner_split, _ridge_path
+from .audit import LOG, LOGISTIC_ALPHAS, ORIGINAL, _best, _fit_logistic, _logistic_held_out, _ridge_held_out, _ridge_path
 
 __all__ = ['WideTabularModel', 'Bias', 'SKIP_ALPHAS', 'processed_design', 'train_design', 'init_from_linear',
            'ridge_log_or_not']
@@ -90,14 +92,8 @@ def ridge_log_or_not(X, y, seed=0):
     """Whether ridge regression predicts positive targets `y` (original scale) better fitted on log(y) than on y:
     the best rmse over `SKIP_ALPHAS` on the inner split's held-out rows, on the original scale, for each.
     Returns `(use_log, {'log': rmse, 'original': rmse})`."""
-    y = np.asarray(y, dtype=np.float64)
-    fit, held = _inner_split(len(X), seed, 0.2)
-    errs = {}
-    for scale, enc, dec in [('log', np.log, np.exp), ('original', lambda v: v, lambda v: v)]:
-        with np.errstate(over='ignore', invalid='ignore'):
-            e = [float(np.sqrt(np.mean((dec(X[held] @ w + b0) - y[held]) ** 2)))
-                 for b0, w in _ridge_path(X[fit], enc(y[fit]), SKIP_ALPHAS)]
-        errs[scale] = float(np.nanmin(e))
+    scored = _ridge_held_out(X, np.asarray(y, dtype=np.float64), SKIP_ALPHAS, (LOG, ORIGINAL), seed)
+    errs = {name: float(np.nanmin([e for e, scale, _ in scored if scale[0] == name])) for name in ('log', 'original')}
     return errs['log'] <= errs['original'], errs
 
 
@@ -110,26 +106,16 @@ def init_from_linear(model, dls, weight=None, seed=0):
     n_levels = [e.num_embeddings for e in model.lin_embeds]
     X = train_design(dls)
     y = dls.train_ds.ys.iloc[:, 0].to_numpy()
-    fit, held = _inner_split(len(X), seed, 0.2)
     if dls.c == 1 or not hasattr(dls, 'vocab'):
         y = y.astype(np.float64)
-        errs = [float(np.sqrt(np.mean((X[held] @ w + b0 - y[held]) ** 2)))
-                for b0, w in _ridge_path(X[fit], y[fit], SKIP_ALPHAS)]
-        i = int(np.nanargmin(errs))
-        (b0, w), = _ridge_path(X, y, [SKIP_ALPHAS[i]])
-        W, b, out = w[:, None], np.array([b0]), dict(kind='ridge', alpha=SKIP_ALPHAS[i], inner=errs[i])
+        inner, _, alpha = _best(_ridge_held_out(X, y, SKIP_ALPHAS, seed=seed))
+        (b0, w), = _ridge_path(X, y, [alpha])
+        W, b, out = w[:, None], np.array([b0]), dict(kind='ridge', alpha=alpha, inner=inner)
     else:
         y, k = y.astype(np.int64), model.lin_bias.bias.numel()
-        losses = []
-        for a in LOGISTIC_ALPHAS:
-            W, b = _fit_logistic(X[fit], y[fit], k, a, weight=weight)
-            z = X[held] @ W + b
-            z = z - z.max(1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-            losses.append(float(-logp[np.arange(len(held)), y[held]].mean()))
-        i = int(np.argmin(losses))
-        W, b = _fit_logistic(X, y, k, LOGISTIC_ALPHAS[i], weight=weight)
-        out = dict(kind='logistic', alpha=LOGISTIC_ALPHAS[i], inner=losses[i])
+        inner, alpha = _best(_logistic_held_out(X, y, k, LOGISTIC_ALPHAS, weight, seed))
+        W, b = _fit_logistic(X, y, k, alpha, weight=weight)
+        out = dict(kind='logistic', alpha=alpha, inner=inner)
     with torch.no_grad():
         start = 0
         for e, n in zip(model.lin_embeds, n_levels):
